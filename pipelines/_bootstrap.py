@@ -1,0 +1,7 @@
+"""Make `import src` work when a stage script is run as `python pipelines/NN_name.py`."""
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))

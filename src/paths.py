@@ -1,0 +1,111 @@
+"""Every artifact path, derived from the run name. Nothing else in the repository builds paths.
+
+Layout of one run (``runs/<run.name>/``)::
+
+    00_prepare/  images.npy (uint8 N x H x W x 3, memory-mappable)  index.csv  report.json
+    01_ssl/      encoder.safetensors  encoder.json  embeddings.npy (float16 N x D, L2-normalised)
+                 log.jsonl  ckpt/  lr_find.png
+    02_pseudo/   round{r}/labels.csv (image_id,label,confidence,source)  round{r}/embeddings.npy ...
+    03_metric/   encoder.safetensors  embeddings.npy  arcface.safetensors  log.jsonl
+    04_heads/    <head>/probs_test.npy  <head>/oof.npy  cv.json
+    05_submit/   ensemble.json  report/index.html
+    <stage>/     config.yaml  meta.json (seed, commit, fingerprint)  _done.json
+
+Every stage directory also gets ``config.yaml`` and ``meta.json`` beside its outputs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from src.config import Config
+
+STAGE_DIRS = {
+    "prepare": "00_prepare",
+    "ssl": "01_ssl",
+    "pseudo": "02_pseudo",
+    "metric": "03_metric",
+    "heads": "04_heads",
+    "submit": "05_submit",
+    "meta": "06_meta",
+}
+
+
+class RunPaths:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run = Path(cfg.run.root) / cfg.run.name
+        self.submissions = Path(cfg.run.submissions_dir)
+
+    def stage(self, name: str) -> Path:
+        return self.run / STAGE_DIRS[name]
+
+    # ---- 00 prepare ----
+    @property
+    def images(self) -> Path:
+        return self.stage("prepare") / "images.npy"
+
+    @property
+    def index(self) -> Path:
+        return self.stage("prepare") / "index.csv"
+
+    @property
+    def data_report(self) -> Path:
+        return self.stage("prepare") / "report.json"
+
+    # ---- encoders and embeddings (any stage that trains an encoder) ----
+    def encoder(self, stage: str) -> Path:
+        return self.stage(stage) / "encoder.safetensors"
+
+    def encoder_spec(self, stage: str) -> Path:
+        return self.stage(stage) / "encoder.json"
+
+    def embeddings(self, stage: str) -> Path:
+        return self.stage(stage) / "embeddings.npy"
+
+    def log(self, stage: str) -> Path:
+        return self.stage(stage) / "log.jsonl"
+
+    def checkpoint_dir(self, stage: str) -> Path:
+        return self.stage(stage) / "ckpt"
+
+    def plot(self, stage: str, name: str) -> Path:
+        return self.stage(stage) / f"{name}.png"
+
+    # ---- 02 pseudo-labels ----
+    def pseudo_round(self, r: int) -> Path:
+        return self.stage("pseudo") / f"round{r}"
+
+    def pseudo_labels(self, r: int | None = None) -> Path:
+        """labels.csv of round r; None: the final table the later stages read."""
+        if r is None:
+            return self.stage("pseudo") / "labels.csv"
+        return self.pseudo_round(r) / "labels.csv"
+
+    # ---- 04 heads ----
+    def head_dir(self, head: str) -> Path:
+        return self.stage("heads") / head
+
+    def head_probs(self, head: str) -> Path:
+        return self.head_dir(head) / "probs_test.npy"
+
+    def head_oof(self, head: str) -> Path:
+        return self.head_dir(head) / "oof.npy"
+
+    @property
+    def cv_report(self) -> Path:
+        return self.stage("heads") / "cv.json"
+
+    # ---- 05 submit ----
+    def submission(self, tag: str) -> Path:
+        return self.submissions / f"{self.cfg.run.name}__{tag}.csv"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.stage("submit") / "report"
+
+    # ---- provenance ----
+    def done_marker(self, stage: str) -> Path:
+        return self.stage(stage) / "_done.json"
+
+    def fingerprint_file(self, stage: str) -> Path:
+        return self.stage(stage) / "_fingerprint"

@@ -1,0 +1,97 @@
+"""Device, precision, seeding and provenance helpers shared by every stage."""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from src.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present. Never assume a GPU: CI and most laptops have none."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"run.device={name}: CUDA is not available on this machine (use auto or cpu)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str = "bf16"):
+    """bf16 autocast on CUDA; a no-op on CPU (CPU bf16 is slower than fp32 on most hosts)."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def git_commit() -> str:
+    """The current commit (with '+dirty' if the tree has changes), or 'unknown' outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (commit or "unknown") + ("+dirty" if dirty and commit else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(device: torch.device | None = None) -> dict:
+    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count()}
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Timer:
+    """Wall-clock timer; on CUDA it synchronises first so queued kernels are counted."""
+
+    def __init__(self, device: torch.device | None = None):
+        self.device = device
+        self.start = 0.0
+        self.seconds = 0.0
+
+    def __enter__(self) -> "Timer":
+        if self.device is not None:
+            sync(self.device)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device is not None:
+            sync(self.device)
+        self.seconds = time.perf_counter() - self.start
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except (ImportError, OSError):
+        return float("nan")
