@@ -7,8 +7,9 @@ Layout of one run (``runs/<run.name>/``)::
                  log.jsonl  ckpt/  lr_find.png
     02_pseudo/   round{r}/labels.csv (image_id,label,confidence,source)  round{r}/embeddings.npy ...
     03_metric/   encoder.safetensors  embeddings.npy  arcface.safetensors  log.jsonl
-    04_heads/    <head>/probs_test.npy  <head>/oof.npy  cv.json
-    05_submit/   ensemble.json  report/index.html
+    04_meta/     <method>/probs_test.npy  <method>/oof.npy   (meta-learning heads)
+    05_heads/    <head>/probs_test.npy  <head>/oof.npy  cv.json
+    06_submit/   ensemble.json  report/index.html
     <stage>/     config.yaml  meta.json (seed, commit, fingerprint)  _done.json
 
 Every stage directory also gets ``config.yaml`` and ``meta.json`` beside its outputs.
@@ -24,9 +25,9 @@ STAGE_DIRS = {
     "ssl": "01_ssl",
     "pseudo": "02_pseudo",
     "metric": "03_metric",
-    "heads": "04_heads",
-    "submit": "05_submit",
-    "meta": "06_meta",
+    "meta": "04_meta",
+    "heads": "05_heads",
+    "submit": "06_submit",
 }
 
 
@@ -81,15 +82,18 @@ class RunPaths:
             return self.stage("pseudo") / "labels.csv"
         return self.pseudo_round(r) / "labels.csv"
 
-    # ---- 04 heads ----
-    def head_dir(self, head: str) -> Path:
-        return self.stage("heads") / head
+    # ---- 04 meta, 05 heads: every head writes the same contract ----
+    # probs_test.npy: float32 (n_test, C) class probabilities in index order of the test rows;
+    # oof.npy: float32 (n_labeled, C) out-of-fold probabilities of the labeled rows (leave-one-out),
+    # in the order of CompetitionData.labeled_idx.
+    def head_dir(self, head: str, stage: str = "heads") -> Path:
+        return self.stage(stage) / head
 
-    def head_probs(self, head: str) -> Path:
-        return self.head_dir(head) / "probs_test.npy"
+    def head_probs(self, head: str, stage: str = "heads") -> Path:
+        return self.head_dir(head, stage) / "probs_test.npy"
 
-    def head_oof(self, head: str) -> Path:
-        return self.head_dir(head) / "oof.npy"
+    def head_oof(self, head: str, stage: str = "heads") -> Path:
+        return self.head_dir(head, stage) / "oof.npy"
 
     @property
     def cv_report(self) -> Path:
