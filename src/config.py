@@ -60,6 +60,7 @@ class BackboneCfg:
     pretrained: str = ""  # local weights file (.safetensors / .pth); never downloads
     allow_download: bool = False  # let timm fetch pretrained weights (user must ask)
     width: int = 0  # >0: override timm's base width where supported (tiny CPU models)
+    stem_width: int = 0  # >0: ResNet stem channels (timm default 64; dominates the cost of narrow CPU models)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class SSLCfg:
     n_local_crops: int = 0  # DINO multi-crop: extra small crops per image
     gpu_augment: str = "auto"  # auto (GPU path on CUDA) | gpu | cpu
     crop_scale_min: float = 0.2
+    flip: bool = True  # random horizontal flips (off for mirror-sensitive images such as digits)
     color_jitter: float = 0.4
     grayscale_p: float = 0.2
     blur_p: float = 0.0
@@ -92,53 +94,86 @@ class SSLCfg:
     probe_k: int = 20
     max_steps_per_epoch: int = 0  # >0: cap (smoke tests / scale checks)
     embed_batch_size: int = 1024
+    min_lr_ratio: float = 0.0  # cosine schedule ends at lr * min_lr_ratio
+    dino_bottleneck: int = 256  # DINO head bottleneck before the prototypes
+    local_crop_size: int = 16  # DINO multi-crop: side of local crops in pixels (conv nets; ViTs use image_size)
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.3])  # area fraction of local crops
+    log_every: int = 50  # steps between progress-bar loss refreshes (the only in-epoch host sync)
+    lr_find_steps: int = 100  # --lr-find: steps of the exponential LR sweep
+    lr_find_min: float = 1e-4
+    lr_find_max: float = 10.0
 
 
 @dataclass
 class PseudoCfg:
+    # Round 0 labels the ssl embeddings; each further round self-trains the encoder on the previous
+    # round's selection, re-embeds every image and labels again: rounds + 1 label tables in all.
     rounds: int = 2
-    labelers: list[str] = field(default_factory=lambda: ["propagation", "kmeans", "prototype"])
-    combine: str = "vote"  # vote: agreement filter + confidence product | first
+    labelers: list[str] = field(default_factory=lambda: ["propagation", "kmeans", "prototype"])  # + scan, knn
+    combine: str = "first"  # first (others: agreement only) | vote (majority) | mean | product (geometric mean)
     selection: str = "topk"  # threshold | topk | freematch
-    threshold: float = 0.9
-    topk_fraction: float = 0.8  # per-class top-k: fraction of images kept (class balanced)
-    distribution_alignment: bool = True  # assume balanced classes
-    require_agreement: int = 1  # min number of labelers agreeing
+    threshold: float = 0.9  # selection=threshold: minimum confidence
+    topk_fraction: float = 0.8  # per-class top-k: keep fraction * n_unlabeled / C most confident per class
+    distribution_alignment: bool = True  # move the class marginal to uniform (classes known to be balanced)
+    require_agreement: int = 2  # min labelers whose own label equals the combined one (capped at their number)
+    temperature: float = 0.1  # cosine-softmax temperature of the prototype, knn and k-means posteriors
+    center: bool = True  # labelers see mean-centred, re-normalised embeddings (CL2N, Wang et al. 2019)
     knn_k: int = 20
     propagation_alpha: float = 0.99
-    propagation_iters: int = 20
-    kmeans_clusters: int = 100  # over-clustering; mapped to classes through labeled images
+    propagation_gamma: float = 3.0  # graph affinity max(cos, 0) ** gamma (Iscen et al. 2019)
+    propagation_iters: int = 20  # conjugate-gradient iterations
+    kmeans_clusters: int = 100  # over-clustering (>= classes); mapped to classes through labeled images
     kmeans_iters: int = 25
+    prototype_refine_iters: int = 3  # transductive soft k-means steps (prototype labeler)
     scan_epochs: int = 30
     scan_entropy_weight: float = 5.0
-    scan_clusters: int = 0  # 0: number of classes
+    scan_clusters: int = 0  # 0: number of classes (Hungarian mapping); more: many-to-one mapping
+    scan_heads: int = 5  # heads trained at once; the lowest-loss one is kept
+    scan_lr: float = 1e-2  # Adam (head only)
+    scan_batch_size: int = 256  # shrunk on small sets to keep >= 8 steps per epoch
+    scan_self_label_epochs: int = 10
+    scan_self_label_threshold: float = 0.99
     # self-training (FixMatch-style) between rounds
-    self_train_epochs: int = 10
-    self_train_batch_size: int = 256
-    self_train_lr: float = 0.03
-    unlabeled_ratio: int = 7  # mu: unlabeled batch = mu * labeled batch
-    consistency_threshold: float = 0.95
+    self_train_epochs: int = 10  # 0: no encoder training (later rounds only grow the prototype/knn supports)
+    self_train_batch_size: int = 64  # B labeled + selected pseudo-labeled images per step
+    self_train_lr: float = 0.03  # SGD, for batch B = 64 (scaled linearly)
+    self_train_weight_decay: float = 5e-4
+    self_train_warmup_epochs: float = 0.5
+    unlabeled_ratio: int = 7  # mu: unlabeled batch = mu * B
+    consistency_threshold: float = 0.95  # FixMatch confidence threshold on the weak view
+    self_adaptive_threshold: bool = False  # FreeMatch self-adaptive threshold instead of the fixed one
     consistency_weight: float = 1.0
-    ema: float = 0.999
-    max_steps_per_epoch: int = 0
+    classifier: str = "cosine"  # cosine (initialised at the class prototypes) | linear
+    classifier_temperature: float = 0.05  # cosine classifier logits = cos / T (scale 20: confident enough for FixMatch)
+    ema: float = 0.999  # EMA of the weights; the EMA model embeds and predicts
+    max_steps_per_epoch: int = 0  # >0: cap (smoke tests / scale checks)
+    cpu_threads: int = 0  # CPU only: torch/BLAS threads for the stage (1 is fastest on a busy 2-core host); 0: default
 
 
 @dataclass
 class MetricCfg:
+    # name -> weight; triplet | arcface | contrastive | multi_similarity | any pytorch-metric-learning loss class
     losses: dict[str, float] = field(default_factory=lambda: {"arcface": 1.0, "triplet": 1.0})
-    miner: str = "semihard"  # semihard | hard | all | none | any pytorch-metric-learning miner
+    loss_kwargs: dict[str, dict[str, float]] = field(default_factory=dict)  # extra constructor args per loss
+    miner: str = "semihard"  # semihard | hard | all | none | any pytorch-metric-learning miner class
+    miner_kwargs: dict[str, float] = field(default_factory=dict)
     epochs: int = 10
-    batch_size: int = 256
-    m_per_class: int = 8
-    lr: float = 0.01
+    batch_size: int = 256  # rounded down to a multiple of m_per_class
+    m_per_class: int = 0  # images per class in a batch (MPerClassSampler); 0: batch_size // n_classes
+    lr: float = 0.01  # SGD, encoder
+    loss_lr: float = 0.1  # SGD, parameters of classification losses (ArcFace class centres)
     weight_decay: float = 5e-4
-    embed_dim: int = 128
-    margin: float = 0.2  # triplet / contrastive margin
-    arcface_margin: float = 28.6  # degrees (pytorch-metric-learning convention)
-    arcface_scale: float = 64.0
-    sub_centers: int = 1  # >1: sub-center ArcFace
-    min_confidence: float = 0.0  # pseudo-labels below this confidence are not used
+    warmup_epochs: float = 0.5
+    margin: float = 0.2  # triplet margin and semihard/hard miner margin
+    # degrees (pytorch-metric-learning convention). pml's face-recognition defaults (28.6, scale 64) gave a
+    # chance-level classifier on the 10-class demo after short training; 10 and 16 did not.
+    arcface_margin: float = 10.0
+    arcface_scale: float = 16.0
+    sub_centers: int = 1  # >1: sub-center ArcFace (Deng et al. 2020)
+    augment: str = "weak"  # weak | strong | none
+    min_confidence: float = 0.0  # selected pseudo-labels below this confidence are not used
     max_steps_per_epoch: int = 0
+    cpu_threads: int = 0  # CPU only: torch/BLAS threads for the stage; 0: default
 
 
 @dataclass
@@ -146,21 +181,27 @@ class HeadsCfg:
     heads: list[str] = field(
         default_factory=lambda: ["protonet", "protonet_transductive", "knn", "cosine_finetune", "logreg"]
     )
-    embeddings: str = "auto"  # which stage's embeddings: auto (latest) | ssl | pseudo | metric
-    use_pseudo: bool = True  # extend supports with confident pseudo-labels
-    pseudo_min_confidence: float = 0.0
+    embeddings: str = "auto"  # which stage's embeddings: auto (latest of metric > pseudo > ssl) | ssl | pseudo | metric
+    use_pseudo: bool = True  # extend supports with confident pseudo-labels (heads in pseudo_heads)
+    pseudo_heads: list[str] = field(default_factory=lambda: ["protonet", "protonet_transductive", "knn"])
+    pseudo_min_confidence: float = 0.0  # selected pseudo-labels below this confidence are not used
+    pseudo_max_per_class: int = 2000  # cap (most confident first) to keep CV refits cheap; 0: all
     distance: str = "cosine"  # cosine | euclidean (ProtoNet)
+    protonet_temperature: float = 10.0  # cosine logit scale (ProtoNet and its transductive variant)
     knn_k: int = 10
-    transductive_iters: int = 10
+    knn_temperature: float = 0.07  # vote weight exp(cos / tau) (Wu et al. 2018)
+    transductive_iters: int = 10  # soft k-means refinement steps over the test embeddings
     transductive_temperature: float = 10.0
-    balanced_prior: bool = True
+    balanced_prior: bool = True  # Sinkhorn-balance the soft assignments (equal class sizes)
     finetune_steps: int = 100
-    finetune_lr: float = 0.01
-    finetune_entropy_weight: float = 0.1
-    finetune_temperature: float = 10.0
-    finetune_encoder: bool = False
-    tta_flip: bool = True
-    logreg_c: float = 1.0
+    finetune_lr: float = 0.01  # Adam, classifier weights
+    finetune_encoder_lr: float = 1e-4  # Adam, encoder weights (finetune_encoder only)
+    finetune_entropy_weight: float = 0.1  # Dhillon et al. 2020 transductive entropy term
+    finetune_temperature: float = 10.0  # cosine-softmax scale
+    finetune_query_batch: int = 256  # query rows per step for the entropy term
+    finetune_encoder: bool = False  # also fine-tune the encoder (runs the latest saved encoder)
+    tta_flip: bool = True  # heads that run the encoder average the image and its mirror
+    logreg_c: float = 10.0
 
 
 @dataclass
@@ -172,33 +213,56 @@ class CVCfg:
     n_shot: int = 2
     n_query: int = 15
     episode_min_confidence: float = 0.9
+    encoder_max_fits: int = 20  # heads that fine-tune the encoder: cap on redraws and episodes each
+    stack_folds: int = 5  # group folds of the out-of-fold features the stacker trains on
+    stack_max_pseudo: int = 3000  # pseudo-labeled rows (class-balanced sample) in the stacker's table
 
 
 @dataclass
 class EnsembleCfg:
-    method: str = "weighted"  # mean | weighted | rank | stack
-    members: list[str] = field(default_factory=list)  # empty: every head that ran
-    stacker_folds: int = 5
+    method: str = "auto"  # auto (best local CV) | mean | weighted | rank | stack
+    members: list[str] = field(default_factory=list)  # empty: every head that ran (and 04_meta methods)
+    weight_rounds: int = 20  # greedy ensemble selection with replacement (Caruana et al. 2004)
     stacker_rounds: int = 200
+    stacker_lr: float = 0.05
+    stacker_leaves: int = 7
     write_best_single: bool = True
+    report: bool = True
+    report_tsne_points: int = 2000  # t-SNE subsample (test and labeled rows first)
 
 
 @dataclass
 class MetaCfg:
-    methods: list[str] = field(
-        default_factory=lambda: ["siamese", "relation", "protonet_episodic", "maml", "fomaml", "reptile"]
-    )
-    pool: str = "auto"  # labeled | pseudo | clusters | auto
+    # siamese | siamese_triplet | relation | protonet_episodic | maml | fomaml | reptile | metasgd
+    methods: list[str] = field(default_factory=lambda: [
+        "siamese", "siamese_triplet", "relation", "protonet_episodic", "maml", "fomaml", "reptile", "metasgd"])
+    encoder: str = "auto"  # start from: auto (latest of metric > pseudo > ssl) | ssl | pseudo | metric
+    train_block: bool = True  # meta-train the encoder's last block; false: frozen embeddings, heads only
+    # episode pool: labeled (30 images; leave-one-out then re-meta-trains per fold) | pseudo (confident
+    # pseudo-labels of unlabeled images) | clusters (k-means pseudo-classes, CACTUs) | auto (pseudo if present)
+    pool: str = "auto"
+    pseudo_threshold: float = 0.9  # pseudo pool: rows with selected == True or confidence >= this
+    pool_per_class: int = 200  # cap on pool images per class (bounds cached features); 0: all
+    clusters: int = 50  # clusters pool: k-means clusters per clustering
+    clusterings: int = 1  # clusters pool: independent k-means partitions (CACTUs uses several)
     n_way: int = 5
     n_shot: int = 1
     n_query: int = 5
-    episodes: int = 200
-    inner_steps: int = 5
-    inner_lr: float = 0.1
-    outer_lr: float = 1e-3
-    first_order: bool = False
+    episodes: int = 200  # meta-iterations (optimiser steps), each over meta_batch episodes
     meta_batch: int = 4
-    clusters: int = 50
+    outer_lr: float = 1e-3  # Adam, every method's meta-parameters
+    inner_steps: int = 5  # MAML family: adaptation steps during meta-training
+    test_inner_steps: int = 10  # MAML family: adaptation steps on the labeled support at inference
+    inner_lr: float = 0.1  # MAML family: inner SGD step (Meta-SGD: initial per-entry step)
+    first_order: bool = False  # maml: drop second-order terms (fomaml is always first-order)
+    reptile_epsilon: float = 1.0  # Reptile outer step size, decayed linearly to 0
+    hidden: int = 64  # relation module width
+    margin: float = 0.2  # siamese_triplet margin (on L2-normalised embeddings)
+    temperature: float = 10.0  # cosine logit scale: siamese_triplet scores; MAML family head input scale * h/|h|
+    batch_size: int = 512  # inference and trunk-feature batch
+    log_every: int = 20  # meta-iterations per log line
+    checkpoint_every: int = 50  # meta-iterations per checkpoint (resume); 0: never
+    cpu_threads: int = 1  # CPU intra-op threads while the methods run (tiny ops stall with more); 0: torch default
 
 
 @dataclass

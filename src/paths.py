@@ -82,6 +82,11 @@ class RunPaths:
             return self.stage("pseudo") / "labels.csv"
         return self.pseudo_round(r) / "labels.csv"
 
+    # ---- 03 metric: ArcFace class centres, usable as a cosine classifier on embeddings("metric") ----
+    @property
+    def arcface(self) -> Path:
+        return self.stage("metric") / "arcface.safetensors"
+
     # ---- 04 meta, 05 heads: every head writes the same contract ----
     # probs_test.npy: float32 (n_test, C) class probabilities in index order of the test rows;
     # oof.npy: float32 (n_labeled, C) out-of-fold probabilities of the labeled rows (leave-one-out),
@@ -98,6 +103,15 @@ class RunPaths:
     @property
     def cv_report(self) -> Path:
         return self.stage("heads") / "cv.json"
+
+    # stacking: float32 (R, C) group-fold out-of-fold probabilities of the rows of stack_table
+    # (labeled + pseudo-labeled rows: row, y, weight, group, fold, labeled)
+    def head_stack_oof(self, head: str, stage: str = "heads") -> Path:
+        return self.head_dir(head, stage) / "stack_oof.npy"
+
+    @property
+    def stack_table(self) -> Path:
+        return self.stage("heads") / "stack_rows.csv"
 
     # ---- 05 submit ----
     def submission(self, tag: str) -> Path:

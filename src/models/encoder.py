@@ -52,9 +52,12 @@ def _convnext_nano(cfg: BackboneCfg, image_size: int) -> dict:
 
 
 def _resnet_kwargs(cfg: BackboneCfg) -> dict:
+    kwargs = {}
     if cfg.width > 0:  # narrow ResNet for CPU demos and tests: (w, 2w, 4w, 8w) channels
-        return {"channels": tuple(cfg.width * m for m in (1, 2, 4, 8))}
-    return {}
+        kwargs["channels"] = tuple(cfg.width * m for m in (1, 2, 4, 8))
+    if cfg.stem_width > 0:
+        kwargs["stem_width"] = cfg.stem_width
+    return kwargs
 
 
 class Encoder(nn.Module):
@@ -118,11 +121,23 @@ def load_pretrained(net: nn.Module, path: Path) -> None:
     print(f"loaded {len(compatible)}/{len(own)} tensors from {path}")
 
 
+_STATS: dict = {}
+
+
+def _stats_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEAN/STD on `device`, copied once: a copy from pageable host memory per batch would make
+    the host wait for the GPU queue (a hidden synchronisation in every training step)."""
+    if device not in _STATS:
+        _STATS[device] = (MEAN.to(device), STD.to(device))
+    return _STATS[device]
+
+
 def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
     """uint8 (B, H, W, 3) or float (B, 3, H, W) in 0..255 -> normalised float (B, 3, H, W)."""
     if images.dtype == torch.uint8 and images.shape[-1] == 3:
         images = images.permute(0, 3, 1, 2)
-    x = (images.float() - MEAN.to(images.device)) / STD.to(images.device)
+    mean, std = _stats_on(images.device)
+    x = (images.float() - mean) / std
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 

@@ -27,6 +27,12 @@ from src.runtime import git_commit, machine_info, peak_memory_mb, resolve_device
 # Pipeline order. A stage appears here only once it exists (never a stub).
 STAGE_MODULES: dict[str, str] = {
     "prepare": "src.stages.prepare",
+    "ssl": "src.stages.ssl",
+    "pseudo": "src.stages.pseudo",
+    "metric": "src.stages.metric",
+    "meta": "src.stages.meta",
+    "heads": "src.stages.heads",
+    "submit": "src.stages.submit",
 }
 
 

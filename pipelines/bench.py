@@ -1,0 +1,41 @@
+"""Benchmarks: python pipelines/bench.py <what> -c CONFIG [section.key=value ...] [options]
+
+    python pipelines/bench.py ssl -c configs/cifar_gpu.yaml      # SSL step: views/s, memory, epoch time
+
+Each benchmark is one entry of BENCHES: "module:function", where the function takes
+(cfg, args) and the module may define add_arguments(parser) for its own options."""
+import _bootstrap  # noqa: F401
+
+import argparse
+import importlib
+
+from src.cli import guarded
+from src.config import load_config
+
+BENCHES = {
+    "ssl": ("src.ssl.bench:bench_ssl", "SSL training step: augmented views/s, peak memory, epoch time"),
+}
+
+
+def _target(name):
+    module, function = BENCHES[name][0].split(":")
+    mod = importlib.import_module(module)
+    return mod, getattr(mod, function)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True, metavar="what")
+    for name, (_, help_text) in BENCHES.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("-c", "--config", help="experiment YAML in configs/")
+        p.add_argument("overrides", nargs="*", help="section.key=value overrides, type-checked")
+        mod, _ = _target(name)
+        if hasattr(mod, "add_arguments"):
+            mod.add_arguments(p)
+    return parser
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
+    guarded(lambda: _target(args.what)[1](load_config(args.config, args.overrides), args) and None)

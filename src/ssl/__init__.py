@@ -1,0 +1,1 @@
+"""Self-supervised encoder pretraining (stage 01_ssl): objectives, view sources, trainer."""

@@ -1,0 +1,267 @@
+"""Stage 01_ssl: pretrain the encoder on every image (labels ignored), then write the encoder and
+the L2-normalised embeddings of every image for later stages.
+
+One step (per process, B = ssl.batch_size / world):
+    two global views (+ optional local crops) of B images -> SSLModel (one encoder pass for all
+    global views, weighted objectives) -> backward -> optimiser step -> EMA teachers.
+The LR and EMA schedules are arrays computed before training and indexed by the global step;
+the running loss stays on the device and is read once per epoch (and every ssl.log_every steps
+for the progress bar), so a step never waits for the GPU.
+
+Files (paths.stage("ssl")): encoder.safetensors + encoder.json, embeddings.npy (float16 (N, D)),
+log.jsonl (one line per epoch), ckpt/ (latest checkpoint), lr_find.png (--lr-find).
+"""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from src import io
+from src.config import Config
+from src.data.dataset import CompetitionData, load_data
+from src.errors import UserError
+from src.models.encoder import Encoder, embed, save_encoder
+from src.paths import RunPaths
+from src.probe import knn_probe, pixel_features, truth_rows
+from src.runtime import autocast, resolve_device, sync
+from src.ssl.objectives import OBJECTIVES, SSLModel
+from src.ssl.views import augment_path, make_views
+from src.train_utils import (Checkpointer, all_reduce_mean, barrier, build_optimizer, cosine_ramp, dist_info,
+                             local_device, lr_range_test, param_groups, plot_lr_find, set_lr, steps_per_epoch,
+                             warmup_cosine, wrap_ddp)
+
+STAGE_KEY = "ssl"
+
+
+def validate(cfg: Config) -> None:
+    """Every SSL setting that types alone cannot check; raises before any work starts."""
+    s, world = cfg.ssl, dist_info().world
+    if not s.objectives:
+        raise UserError("ssl.objectives: name at least one objective, e.g. {simclr: 1.0}")
+    for name, weight in s.objectives.items():
+        OBJECTIVES.get(name)
+        if weight <= 0:
+            raise UserError(f"ssl.objectives.{name}: weight must be positive, got {weight}")
+    for key in ("epochs", "batch_size", "proj_dim", "proj_hidden", "dino_out_dim", "embed_batch_size",
+                "checkpoint_every", "probe_every", "probe_k", "log_every", "lr_find_steps"):
+        if getattr(s, key) <= 0:
+            raise UserError(f"ssl.{key}: must be positive, got {getattr(s, key)}")
+    for key in ("lr", "temperature", "dino_teacher_temp", "dino_student_temp", "lr_find_min", "lr_find_max"):
+        if getattr(s, key) <= 0:
+            raise UserError(f"ssl.{key}: must be positive, got {getattr(s, key)}")
+    for key in ("ema", "dino_center_momentum", "grayscale_p", "blur_p", "solarize_p", "min_lr_ratio"):
+        if not 0 <= getattr(s, key) <= 1:
+            raise UserError(f"ssl.{key}: must be in [0, 1], got {getattr(s, key)}")
+    if not 0 < s.crop_scale_min <= 1:
+        raise UserError(f"ssl.crop_scale_min: must be in (0, 1], got {s.crop_scale_min}")
+    if len(s.local_crop_scale) != 2 or not 0 < s.local_crop_scale[0] <= s.local_crop_scale[1] <= 1:
+        raise UserError(f"ssl.local_crop_scale: expected [min, max] within (0, 1], got {s.local_crop_scale}")
+    if s.optimizer not in ("sgd", "adamw", "lars"):
+        raise UserError(f"ssl.optimizer: unknown optimizer '{s.optimizer}' (known: adamw, lars, sgd)")
+    if s.batch_size % world:
+        raise UserError(f"ssl.batch_size: {s.batch_size} is not divisible by the {world} processes")
+    if s.warmup_epochs < 0 or s.n_local_crops < 0 or s.max_steps_per_epoch < 0:
+        raise UserError("ssl.warmup_epochs, ssl.n_local_crops, ssl.max_steps_per_epoch: must be >= 0")
+    augment_path(cfg, torch.device("cpu"))
+
+
+class Eager(nn.Module):
+    """Calls a (possibly torch.compile'd in place) encoder's eager forward: embedding in eval mode
+    with a ragged last batch would otherwise trigger recompilations."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+        self.dim = encoder.dim
+
+    def forward(self, x):
+        return self.encoder.forward(x)
+
+
+class SSLRun:
+    """Model, optimiser, schedules and the train step; shared by training, --lr-find and the bench."""
+
+    def __init__(self, cfg: Config, n_images: int, device: torch.device):
+        info = dist_info()
+        self.cfg, self.device = cfg, device
+        self.model = SSLModel(Encoder(cfg.backbone, cfg.data.image_size), cfg.ssl).to(device)
+        self.channels_last = cfg.run.channels_last and device.type == "cuda"
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.batch = cfg.ssl.batch_size // info.world  # per process
+        self.steps = steps_per_epoch(n_images, self.batch, info.world, cfg.ssl.max_steps_per_epoch)
+        total = self.steps * cfg.ssl.epochs
+        self.base_lr = cfg.ssl.lr * cfg.ssl.batch_size / 256  # linear scaling rule (Goyal et al. 2017)
+        self.lrs = warmup_cosine(self.base_lr, total, cfg.ssl.warmup_epochs * self.steps,
+                                 final=self.base_lr * cfg.ssl.min_lr_ratio)
+        self.momentum = cosine_ramp(cfg.ssl.ema, 1.0, total)
+        self.optimizer = build_optimizer(cfg.ssl.optimizer, param_groups(self.model, cfg.ssl.weight_decay),
+                                         self.base_lr, cfg.ssl.momentum, device, "ssl.optimizer")
+        self.net: nn.Module = self.model  # what the step calls: the model, or its DDP wrapper
+
+    def wrap(self) -> None:
+        """torch.compile (optional) and DDP; call after loading a checkpoint into self.model."""
+        if self.cfg.run.compile:
+            self.model.compile_encoders()
+        self.net = wrap_ddp(self.model, self.device)
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.model.encoder
+
+    def step(self, views, local_views, global_step: int) -> tuple[torch.Tensor, dict]:
+        """One optimisation step; returns detached device tensors (no host sync)."""
+        set_lr(self.optimizer, float(self.lrs[global_step]))
+        with autocast(self.device, self.cfg.run.precision):
+            loss, parts = self.net(views, local_views)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.model.update_teachers(float(self.momentum[global_step]))
+        return loss.detach().float(), {k: v.detach().float() for k, v in parts.items()}
+
+    def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
+        return embed(Eager(self.encoder), images, self.device, self.cfg.ssl.embed_batch_size,
+                     self.cfg.run.precision, channels_last=self.channels_last, progress=progress)
+
+
+def _probe(run: SSLRun, data: CompetitionData, cfg: Config) -> dict:
+    return knn_probe(lambda rows: run.embed(data.images[np.sort(rows)])[np.argsort(np.argsort(rows))],
+                     data, cfg.data.truth, cfg.ssl.probe_k, cfg.run.seed)
+
+
+def _trim_log(path, epochs_done: int) -> None:
+    """On resume, drop log lines of epochs after the checkpoint (they are trained again)."""
+    records = [r for r in io.read_jsonl(path) if r.get("epoch", 0) <= epochs_done]
+    io.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def setup(cfg: Config, paths: RunPaths) -> tuple[CompetitionData, torch.device]:
+    validate(cfg)
+    device = local_device(resolve_device(cfg.run.device))
+    barrier()  # rank 0 has prepared the stage directory
+    data = load_data(paths)
+    if cfg.data.truth:
+        truth_rows(data, cfg.data.truth)  # unknown ids fail now, not after training
+    return data, device
+
+
+def train(cfg: Config, paths: RunPaths) -> dict:
+    data, device = setup(cfg, paths)
+    info = dist_info()
+    s = cfg.ssl
+    run = SSLRun(cfg, len(data.images), device)
+    ckpt = Checkpointer(paths.checkpoint_dir(STAGE_KEY))
+    state = ckpt.load(run.model, run.optimizer, device)
+    start = int(state["epoch"]) if state else 0
+    if state and int(state.get("steps_per_epoch", run.steps)) != run.steps:
+        raise UserError(f"{paths.checkpoint_dir(STAGE_KEY)}: checkpoint has {state['steps_per_epoch']} steps per "
+                        f"epoch, this run {run.steps}; delete the folder to start over")
+    if info.is_main and start:
+        _trim_log(paths.log(STAGE_KEY), start)
+        print(f"resuming from the checkpoint after epoch {start}/{s.epochs}")
+    run.wrap()
+    views = make_views(cfg, data.images, device, run.batch, run.encoder, run.model.uses_local)
+    n_views = 2 + (s.n_local_crops if run.model.uses_local else 0)
+    last: dict = {}
+    for epoch in range(start, s.epochs):
+        run.net.train()
+        loss_sum = torch.zeros((), device=device)
+        part_sums = {k: torch.zeros((), device=device) for k in run.model.objectives}
+        images = run.steps * run.batch * info.world
+        bar = tqdm(total=images, desc=f"ssl {epoch + 1}/{s.epochs}", unit="img", unit_scale=True,
+                   disable=not (cfg.run.progress and info.is_main), mininterval=1)
+        sync(device)
+        t0 = time.perf_counter()
+        for i, (v, lv) in enumerate(views.epoch(epoch, run.steps)):
+            loss, parts = run.step(v, lv, epoch * run.steps + i)
+            loss_sum += loss
+            for k, p in parts.items():
+                part_sums[k] += p
+            bar.update(run.batch * info.world)
+            if (i + 1) % s.log_every == 0:  # the only in-epoch host sync, for the bar's loss
+                bar.set_postfix(loss=f"{float(loss_sum) / (i + 1):.4f}")
+        sync(device)
+        seconds = time.perf_counter() - t0
+        epoch_loss = float(all_reduce_mean(loss_sum / run.steps))
+        bar.set_postfix(loss=f"{epoch_loss:.4f}")
+        bar.close()
+        last = {"epoch": epoch + 1, "loss": round(epoch_loss, 5),
+                "parts": {k: round(float(all_reduce_mean(v / run.steps)), 5) for k, v in part_sums.items()},
+                "lr": float(run.lrs[(epoch + 1) * run.steps - 1]), "seconds": round(seconds, 2),
+                "images_per_s": round(images / seconds, 1), "views_per_s": round(images * n_views / seconds, 1)}
+        done = epoch + 1
+        if info.is_main and (done % s.probe_every == 0 or done == s.epochs):
+            last.update({k: round(v, 4) for k, v in _probe(run, data, cfg).items()})
+        if info.is_main:
+            io.append_jsonl(paths.log(STAGE_KEY), last)
+            if done % s.checkpoint_every == 0 or done == s.epochs:
+                ckpt.save(done, run.model, run.optimizer, steps_per_epoch=run.steps, global_step=done * run.steps)
+        barrier()
+
+    summary: dict = {}
+    if info.is_main:
+        summary = finish(cfg, paths, run, data, last)
+    barrier()
+    return summary
+
+
+def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, last: dict) -> dict:
+    """Write encoder + embeddings of every image; summary with the probe and the raw-pixel baseline."""
+    log = io.read_jsonl(paths.log(STAGE_KEY))
+    save_encoder(run.encoder, paths.encoder(STAGE_KEY), paths.encoder_spec(STAGE_KEY),
+                 extra={"stage": STAGE_KEY, "objectives": cfg.ssl.objectives, "epochs": cfg.ssl.epochs})
+    feats = run.embed(data.images, progress=cfg.run.progress)
+    io.write_npy(paths.embeddings(STAGE_KEY), feats.astype(np.float16))
+    probe = {k: v for k, v in (log[-1] if log else {}).items() if k.startswith("knn")} or _probe(run, data, cfg)
+    pixels = knn_probe(lambda rows: pixel_features(data.images[np.sort(rows)])[np.argsort(np.argsort(rows))],
+                       data, cfg.data.truth, cfg.ssl.probe_k, cfg.run.seed)
+    summary = {"epochs": cfg.ssl.epochs, "steps_per_epoch": run.steps, "loss": log[-1]["loss"] if log else None,
+               "augment": augment_path(cfg, run.device), "processes": dist_info().world,
+               "train_seconds": round(sum(r["seconds"] for r in log), 1),
+               "views_per_s": log[-1]["views_per_s"] if log else None, "embedding_dim": int(feats.shape[1]),
+               **{k: round(v, 4) for k, v in probe.items()},
+               **{f"pixels_{k}": round(v, 4) for k, v in pixels.items()}}
+    print("ssl: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k.startswith(("knn", "pixels", "loss"))))
+    return summary
+
+
+def lr_find(cfg: Config, paths: RunPaths) -> dict:
+    """LR range test on the SSL objective: plot + suggested value (also as the ssl.lr setting)."""
+    data, device = setup(cfg, paths)
+    run = SSLRun(cfg, len(data.images), device)
+    run.wrap()
+    views = make_views(cfg, data.images, device, run.batch, run.encoder, run.model.uses_local)
+
+    def batches():
+        epoch = 0
+        while True:
+            yield from views.epoch(epoch, run.steps)
+            epoch += 1
+
+    stream = batches()
+
+    def step() -> torch.Tensor:
+        v, lv = next(stream)
+        with autocast(device, cfg.run.precision):
+            loss, _ = run.net(v, lv)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.model.update_teachers(cfg.ssl.ema)
+        return loss
+
+    run.net.train()
+    result = lr_range_test(step, run.optimizer, cfg.ssl.lr_find_min, cfg.ssl.lr_find_max, cfg.ssl.lr_find_steps)
+    result["suggested_ssl_lr"] = result["suggested_lr"] * 256 / cfg.ssl.batch_size
+    plot = plot_lr_find(result, paths.plot(STAGE_KEY, "lr_find"),
+                        f"ssl {'+'.join(cfg.ssl.objectives)} {cfg.backbone.name} batch {cfg.ssl.batch_size}")
+    io.write_json(paths.stage(STAGE_KEY) / "lr_find.json", result)
+    print(f"lr-find: suggested LR {result['suggested_lr']:.3g} (ssl.lr={result['suggested_ssl_lr']:.3g} at "
+          f"batch 256 scaling); plot {plot}")
+    return {k: result[k] for k in ("suggested_lr", "suggested_ssl_lr", "min_loss_lr")}

@@ -1,0 +1,326 @@
+"""Stage 05: few-shot inference heads on the latest embeddings, with local CV.
+
+For every head in ``heads.heads`` it writes the head contract (``paths.head_probs``: test
+probabilities; ``paths.head_oof``: leave-one-out probabilities of the labeled images), the
+group-fold out-of-fold probabilities the stacker trains on (``paths.head_stack_oof``), and a CV
+record; ``paths.cv_report`` gathers them: LOO accuracy with a Wilson interval, support re-draws,
+the (biased) episodic estimate, and the public-truth accuracy beside them when configured.
+
+Pseudo-labels and leakage: the pseudo-labels were made with all labeled images, so a held-out
+image's label echoes through the pseudo-labels it shaped. Each pseudo-labeled image therefore
+belongs to the *group* of the nearest labeled image of its pseudo-class (the one it most likely
+inherited its label from), and a fit uses a pseudo-labeled image only when that labeled image is
+in its support (LOO drops the held-out image's group, a re-draw keeps the groups of its support,
+stacker folds are group folds). This removes the direct echo, not all of it: the pseudo-labeler's
+global choices saw every label, so LOO with pseudo-labeled support is optimistic when the
+pseudo-labels are poor. Heads that use them therefore also report ``loo_labeled_only`` (the same
+head on the labeled images alone), an honest reference for the head without its pseudo-labels.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from src import io
+from src.config import Config
+from src.cv import (cv_summary, episodic_estimate, format_cv_table, leave_one_out, public_truth,
+                    support_redraws, truth_accuracy)
+from src.data import CompetitionData, load_data
+from src.ensemble import check_folds, group_folds, group_oof
+from src.errors import UserError
+from src.heads import HEADS, l2_normalize
+from src.paths import RunPaths
+from src.runtime import resolve_device
+from src.stages import Stage
+
+EMBEDDING_STAGES = ("metric", "pseudo", "ssl")  # latest first
+
+
+def embedding_stage(cfg: Config, paths: RunPaths) -> str:
+    """Which stage's embeddings the heads read: heads.embeddings, or the latest that exists."""
+    choice = cfg.heads.embeddings
+    if choice == "auto":
+        for stage in EMBEDDING_STAGES:
+            if paths.done_marker(stage).exists() and paths.embeddings(stage).exists():
+                return stage
+        raise UserError(f"{paths.embeddings('ssl')}: no embeddings found (run 01_ssl first)")
+    if choice not in EMBEDDING_STAGES:
+        raise UserError(f"heads.embeddings: expected auto, ssl, pseudo or metric, got '{choice}'")
+    if not paths.embeddings(choice).exists():
+        raise UserError(f"{paths.embeddings(choice)}: heads.embeddings={choice} but that stage wrote no embeddings")
+    return choice
+
+
+def read_pseudo_labels(paths: RunPaths, data: CompetitionData, min_confidence: float = 0.0) -> pd.DataFrame | None:
+    """Selected pseudo-labels as DataFrame(row, y (class id), confidence), most confident first;
+    None when the pseudo stage has not run."""
+    path = paths.pseudo_labels()
+    if not (paths.done_marker("pseudo").exists() and path.exists()):
+        return None
+    frame = pd.read_csv(path, dtype={"image_id": str})
+    missing = {"image_id", "label", "confidence", "selected"} - set(frame.columns)
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    selected = frame["selected"]
+    if selected.dtype != bool:
+        selected = selected.astype(str).str.strip().str.lower().isin(["true", "1"])
+    frame = frame[selected & (frame["confidence"] >= min_confidence)]
+    row_of = {image_id: r for r, image_id in enumerate(data.index["image_id"])}
+    lookup = {c: i for i, c in enumerate(data.classes.tolist())}
+    rows = frame["image_id"].map(row_of)
+    ys = frame["label"].map(lookup)
+    if rows.isna().any() or ys.isna().any():
+        bad = frame[rows.isna() | ys.isna()].iloc[0]
+        raise UserError(f"{path}: row image_id '{bad['image_id']}' label '{bad['label']}' matches no image/class")
+    out = pd.DataFrame({"row": rows.to_numpy(np.int64), "y": ys.to_numpy(np.int64),
+                        "confidence": frame["confidence"].to_numpy(np.float32)})
+    out = out[data.class_ids[out["row"]] < 0]  # never override a real label
+    return out.sort_values("confidence", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def cap_per_class(frame: pd.DataFrame, cap: int) -> pd.DataFrame:
+    """The `cap` most confident rows of each class (frame sorted by confidence); cap 0: all."""
+    return frame if cap <= 0 else frame.groupby("y", sort=False).head(cap).reset_index(drop=True)
+
+
+@dataclass
+class HeadInputs:
+    """Everything a head's fits draw from. Rows are rows of the prepared index."""
+
+    x: np.ndarray  # (N, D) float32 embeddings, L2-normalised
+    images: np.ndarray  # (N, H, W, 3) uint8 memmap (heads that run the encoder)
+    n_classes: int
+    labeled: np.ndarray  # (L,) rows with a real label
+    labeled_y: np.ndarray  # (L,) class ids
+    test: np.ndarray  # (T,) test rows
+    pseudo: np.ndarray  # (P,) pseudo-labeled rows used as support (capped per class)
+    pseudo_y: np.ndarray
+    pseudo_w: np.ndarray  # confidence
+    pseudo_group: np.ndarray  # (P,) index 0..L-1 of the labeled row it inherited its label from
+
+    def inputs(self, head, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.images[rows]) if head.runs_encoder else self.x[rows]
+
+
+def inherited_from(x: np.ndarray, rows: np.ndarray, row_y: np.ndarray, labeled: np.ndarray,
+                   labeled_y: np.ndarray) -> np.ndarray:
+    """Group of each pseudo-labeled row: index 0..L-1 of the nearest (cosine) labeled image *of its
+    pseudo-class*, the labeled image its label most likely came from."""
+    out = np.empty(len(rows), np.int64)
+    other = row_y[:, None] != labeled_y[None, :]  # (P, L)
+    for s in range(0, len(rows), 8192):
+        sims = x[rows[s:s + 8192]] @ x[labeled].T
+        sims[other[s:s + 8192]] = -np.inf
+        out[s:s + 8192] = sims.argmax(1)
+    return out
+
+
+def make_head(name: str, cfg: Config, encoder, device):
+    cls = HEADS.get(name)
+    if name == "cosine_finetune" and encoder is not None:
+        return cls(cfg.heads, encoder=encoder, device=device, precision=cfg.run.precision, seed=cfg.run.seed)
+    if name == "cosine_finetune":
+        return cls(cfg.heads, device=device, seed=cfg.run.seed)
+    return cls(cfg.heads)
+
+
+def fit_predict_fn(name: str, cfg: Config, h: HeadInputs, encoder, device, use_pseudo: bool,
+                   sup_rows: np.ndarray, sup_y: np.ndarray, sup_w: np.ndarray, sup_group: np.ndarray,
+                   extra_query: np.ndarray):
+    """fit_predict(train, test) over a table of rows (sup_rows[i] with label sup_y[i], group
+    sup_group[i]). The support is the train rows plus, with use_pseudo, every pseudo-labeled row
+    whose group is among the train rows' groups. Transductive heads see the test rows and
+    `extra_query` (the test images) as their unlabeled query set."""
+
+    def fit_predict(train: np.ndarray, test: np.ndarray) -> np.ndarray:
+        head = make_head(name, cfg, encoder, device)
+        rows, ys, ws = sup_rows[train], sup_y[train], sup_w[train]
+        if use_pseudo and len(h.pseudo):
+            keep = np.isin(h.pseudo_group, sup_group[train])
+            keep &= ~np.isin(h.pseudo, sup_rows[test])  # a row is never its own support
+            rows = np.concatenate([rows, h.pseudo[keep]])
+            ys, ws = np.concatenate([ys, h.pseudo_y[keep]]), np.concatenate([ws, h.pseudo_w[keep]])
+        query = None
+        if head.transductive:
+            query = h.inputs(head, np.concatenate([extra_query, sup_rows[test]]))
+        head.fit(h.inputs(head, rows), ys, h.n_classes, query_x=query, support_weight=ws)
+        return head.predict_proba(h.inputs(head, sup_rows[test]))
+
+    return fit_predict
+
+
+def stack_rows(cfg: Config, h: HeadInputs, pool: pd.DataFrame | None, x: np.ndarray) -> pd.DataFrame:
+    """The stacker's table: every labeled row (group = itself) plus a class-balanced sample of
+    pseudo-labeled rows (group = the labeled image each inherited from), with group folds."""
+    labeled = pd.DataFrame({"row": h.labeled, "y": h.labeled_y, "weight": 1.0,
+                            "group": np.arange(len(h.labeled)), "labeled": True})
+    parts = [labeled]
+    if pool is not None and len(pool) and cfg.cv.stack_max_pseudo > 0:
+        per_class = max(1, cfg.cv.stack_max_pseudo // h.n_classes)
+        sample = pool.sample(frac=1.0, random_state=cfg.run.seed).groupby("y", sort=False).head(per_class)
+        parts.append(pd.DataFrame({"row": sample["row"].to_numpy(), "y": sample["y"].to_numpy(),
+                                   "weight": sample["confidence"].to_numpy(),
+                                   "group": inherited_from(x, sample["row"].to_numpy(), sample["y"].to_numpy(),
+                                                           h.labeled, h.labeled_y),
+                                   "labeled": False}))
+    table = pd.concat(parts, ignore_index=True)
+    table["fold"] = group_folds(table["group"].to_numpy(), cfg.cv.stack_folds, cfg.run.seed)
+    check_folds(table["group"].to_numpy(), table["fold"].to_numpy())
+    return table
+
+
+def validate(cfg: Config) -> None:
+    for name in cfg.heads.heads:
+        HEADS.get(name)  # unknown head -> UserError listing the known ones
+    if not cfg.heads.heads:
+        raise UserError("heads.heads: empty list (name at least one head)")
+    if cfg.heads.distance not in ("cosine", "euclidean"):
+        raise UserError(f"heads.distance: expected cosine or euclidean, got '{cfg.heads.distance}'")
+    bad = [p for p in cfg.heads.pseudo_heads if p not in HEADS]
+    if bad:
+        raise UserError(f"heads.pseudo_heads: unknown head '{bad[0]}' (known: {', '.join(HEADS.names())})")
+    if cfg.heads.knn_k < 1:
+        raise UserError(f"heads.knn_k: must be >= 1, got {cfg.heads.knn_k}")
+    if any(k < 1 for k in cfg.cv.shots):
+        raise UserError(f"cv.shots: every shot count must be >= 1, got {cfg.cv.shots}")
+    if cfg.cv.stack_folds < 2:
+        raise UserError(f"cv.stack_folds: must be >= 2, got {cfg.cv.stack_folds}")
+
+
+def run(cfg: Config, paths: RunPaths) -> dict:
+    validate(cfg)
+    data = load_data(paths)
+    source = embedding_stage(cfg, paths)
+    emb = io.read_npy(paths.embeddings(source))
+    if emb.ndim != 2 or len(emb) != len(data.index):
+        raise UserError(f"{paths.embeddings(source)}: shape {emb.shape}, expected ({len(data.index)}, D)")
+    x = l2_normalize(np.asarray(emb, np.float32))
+    truth = public_truth(cfg.data.truth, data.test_ids, data.classes)
+    device = resolve_device(cfg.run.device)
+    encoder = None
+    if cfg.heads.finetune_encoder and "cosine_finetune" in cfg.heads.heads:
+        from src.models.encoder import load_encoder
+
+        encoder = load_encoder(paths.encoder(source), paths.encoder_spec(source), device)
+
+    # Pseudo-labels feed the episodes and the stacker's rows always, the heads' supports only with use_pseudo.
+    pool = read_pseudo_labels(paths, data, cfg.heads.pseudo_min_confidence)
+    support = None
+    if pool is not None and cfg.heads.use_pseudo:
+        support = cap_per_class(pool, cfg.heads.pseudo_max_per_class)
+    labeled = data.labeled_idx
+    h = HeadInputs(x=x, images=data.images, n_classes=data.n_classes, labeled=labeled,
+                   labeled_y=data.class_ids[labeled], test=data.test_idx,
+                   pseudo=np.zeros(0, np.int64), pseudo_y=np.zeros(0, np.int64), pseudo_w=np.zeros(0, np.float32),
+                   pseudo_group=np.zeros(0, np.int64))
+    if support is not None and len(support):
+        h.pseudo, h.pseudo_y = support["row"].to_numpy(), support["y"].to_numpy()
+        h.pseudo_w = support["confidence"].to_numpy(np.float32)
+        h.pseudo_group = inherited_from(x, h.pseudo, h.pseudo_y, labeled, h.labeled_y)
+    table = stack_rows(cfg, h, pool, x)
+    io.write_csv(paths.stack_table, table)
+    # Episodes draw from confident pseudo-labels (biased by the pseudo-labeler by construction).
+    episode_pool = None if pool is None else pool[pool["confidence"] >= cfg.cv.episode_min_confidence]
+
+    print(f"embeddings: {source} {x.shape}; labeled {len(labeled)}; pseudo-labeled support {len(h.pseudo)}"
+          f"{'' if pool is not None else ' (no pseudo-labels)'}; stacker rows {len(table)}")
+    results = {}
+    # Thousands of tiny fits: one BLAS/OpenMP thread each (threads only contend at this size).
+    with threadpool_limits(1):
+        for name in tqdm(cfg.heads.heads, desc="heads", disable=not cfg.run.progress):
+            results[name] = run_head(name, cfg, paths, h, table, episode_pool, truth, encoder, device)
+    report = {"embeddings": source, "n_labeled": int(len(labeled)), "n_pseudo_support": int(len(h.pseudo)),
+              "truth": cfg.data.truth, "heads": results,
+              "notes": ["LOO: leave-one-out over the labeled images (train + val labels), Wilson 95% interval",
+                        "pseudo-labeled support rows follow the labeled image they inherited from (dropped "
+                        "with it); LOO with pseudo-labels is still optimistic when they are poor: compare "
+                        "loo_labeled_only",
+                        "episodic: scored against pseudo-labels: biased",
+                        "test accuracy: public truth, scoring only"]}
+    io.write_json(paths.cv_report, report)
+    print(format_cv_table(results, cfg.data.truth))
+    return {"embeddings": source, "loo_accuracy": {k: v["loo"]["accuracy"] for k, v in results.items()},
+            "test_accuracy": {k: v["test_accuracy"] for k, v in results.items()}}
+
+
+def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.DataFrame,
+             episode_pool: pd.DataFrame | None, truth, encoder, device) -> dict:
+    """One head: test probabilities, LOO, stacker OOF, re-draws, episodes. Resumes per head."""
+    record_path = paths.head_dir(name) / "cv.json"
+    if record_path.exists() and paths.head_probs(name).exists() and paths.head_oof(name).exists():
+        print(f"  {name}: done earlier (resumed)")
+        return io.read_json(record_path)
+    t0 = time.perf_counter()
+    use_pseudo = cfg.heads.use_pseudo and name in cfg.heads.pseudo_heads
+    seed = cfg.run.seed
+    ones = np.ones(len(h.labeled), np.float32)
+    groups = np.arange(len(h.labeled))
+
+    def over(rows, ys, ws, grp):
+        return fit_predict_fn(name, cfg, h, encoder, device, use_pseudo, rows, ys, ws, grp, h.test)
+
+    labeled_fp = over(h.labeled, h.labeled_y, ones, groups)
+    # Final model: every labeled row (and all pseudo support); test rows are the query set.
+    head = make_head(name, cfg, encoder, device)
+    probs = _predict_test(h, head, use_pseudo)
+    oof = leave_one_out(labeled_fp, h.labeled_y)
+    loo_plain = None
+    if use_pseudo and len(h.pseudo):  # the same head without pseudo-labels: no echo possible
+        plain_fp = fit_predict_fn(name, cfg, h, encoder, device, False, h.labeled, h.labeled_y, ones, groups, h.test)
+        loo_plain = cv_summary(leave_one_out(plain_fp, h.labeled_y), h.labeled_y)
+    stack = group_oof(over(table["row"].to_numpy(), table["y"].to_numpy(), table["weight"].to_numpy(np.float32),
+                           table["group"].to_numpy()), table["fold"].to_numpy())
+    max_fits = cfg.cv.encoder_max_fits if head.runs_encoder else None
+    n_redraws = min(cfg.cv.redraws, max_fits or cfg.cv.redraws)
+    redraws = support_redraws(labeled_fp, h.labeled_y, tuple(cfg.cv.shots), n_redraws, seed)
+    if episode_pool is None:
+        episodic = {"skipped": "no pseudo-labels (run 02_pseudo)"}
+    elif not len(episode_pool):
+        episodic = {"skipped": f"no pseudo-label has confidence >= cv.episode_min_confidence "
+                               f"({cfg.cv.episode_min_confidence})"}
+    else:
+        # Episodes: no extra pseudo support (the episode's support is made of pseudo-labels already).
+        pool_rows, pool_y = episode_pool["row"].to_numpy(), episode_pool["y"].to_numpy()
+        episode_fp = fit_predict_fn(name, cfg, h, encoder, device, False, pool_rows, pool_y,
+                                    np.ones(len(pool_rows), np.float32), np.zeros(len(pool_rows), np.int64),
+                                    np.zeros(0, np.int64))
+        episodic = episodic_estimate(episode_fp, pool_y, min(cfg.cv.n_way, h.n_classes), cfg.cv.n_shot,
+                                     cfg.cv.n_query, min(cfg.cv.episodes, max_fits or cfg.cv.episodes), seed)
+    io.write_npy(paths.head_probs(name), probs.astype(np.float32))
+    io.write_npy(paths.head_oof(name), oof.astype(np.float32))
+    io.write_npy(paths.head_stack_oof(name), stack.astype(np.float32))
+    is_labeled = table["labeled"].to_numpy(bool)
+    stack_acc = float((stack[is_labeled].argmax(1) == table["y"].to_numpy()[is_labeled]).mean())
+    record = {"loo": cv_summary(oof, h.labeled_y), "loo_labeled_only": loo_plain, "redraws": redraws,
+              "episodic": episodic, "stack_oof_labeled_accuracy": stack_acc,
+              "test_accuracy": truth_accuracy(probs, truth), "pseudo_support": bool(use_pseudo and len(h.pseudo)),
+              "seconds": round(time.perf_counter() - t0, 2)}
+    io.write_json(record_path, record)
+    io.append_jsonl(paths.log("heads"), {"head": name, **{k: record[k] for k in ("seconds", "test_accuracy")},
+                                         "loo_accuracy": record["loo"]["accuracy"]})
+    loo = record["loo"]
+    print(f"  {name}: LOO {loo['accuracy']:.3f} [{loo['interval'][0]:.2f}, {loo['interval'][1]:.2f}]"
+          + ("" if record["test_accuracy"] is None else f"  test {record['test_accuracy']:.4f}")
+          + f"  ({record['seconds']:.1f}s)")
+    return record
+
+
+def _predict_test(h: HeadInputs, head, use_pseudo: bool) -> np.ndarray:
+    """Fit on every labeled image (plus all pseudo-labeled support); the test images are the query."""
+    rows, ys = h.labeled, h.labeled_y
+    ws = np.ones(len(rows), np.float32)
+    if use_pseudo and len(h.pseudo):
+        rows, ys, ws = (np.concatenate([rows, h.pseudo]), np.concatenate([ys, h.pseudo_y]),
+                        np.concatenate([ws, h.pseudo_w]))
+    query = h.inputs(head, h.test) if head.transductive else None
+    head.fit(h.inputs(head, rows), ys, h.n_classes, query_x=query, support_weight=ws)
+    return head.predict_proba(h.inputs(head, h.test))
+
+
+STAGE = Stage(key="heads", title="few-shot heads and local CV", sections=("data", "heads", "cv"), run=run,
+              after=("ssl",), optional_after=("pseudo", "metric", "meta"))

@@ -1,0 +1,271 @@
+"""Stage 02: pseudo-labels for every unlabeled image (test included), over rounds.
+
+    round 0:  labelers on the ssl embeddings -> combine/select -> round0/labels.csv
+    round r:  self-train (FixMatch) the latest encoder on the labeled + round r-1 selected images
+              (skipped when pseudo.self_train_epochs == 0) -> re-embed every image -> labelers
+              (prototype/knn supports grow with round r-1's selection) -> round{r}/labels.csv
+
+Files (paths.stage("pseudo")): round{r}/labels.csv (image_id,label,confidence,source,selected),
+round{r}/embeddings.npy, round{r}/encoder.* + classifier.safetensors (trained rounds),
+round{r}/summary.json, round{r}/_done.json; final labels.csv, encoder.*, embeddings.npy;
+summary.csv + precision_coverage.png (precision needs cfg.data.truth: reporting only); log.jsonl.
+An interrupted run restarts after the last finished round (and mid-round from the self-training
+checkpoint). Under torchrun every process self-trains; rank 0 labels and writes.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from src import io
+from src.config import Config
+from src.data.dataset import CompetitionData, load_data
+from src.errors import UserError
+from src.models.encoder import embed, load_encoder, save_encoder
+from src.paths import RunPaths
+from src.probe import truth_rows
+from src.pseudo.labelers import (LABELERS, LabelingContext, center_normalize, check_classes, compute_prototypes,
+                                 cpu_threads)
+from src.pseudo.report import (embedding_scores, format_summary, load_truth, plot_precision_coverage,
+                               precision_at_coverage, summarize, summary_table)
+from src.pseudo.selection import COMBINE, SELECTION, pseudo_label
+from src.pseudo.selftrain import Classifier, make_head, self_train
+from src.runtime import resolve_device
+from src.stages import Stage
+from src.train_utils import barrier, dist_info, local_device
+
+STAGE_KEY = "pseudo"
+EMBED_BATCH = 1024  # images per forward pass when embedding (memory only)
+
+
+def validate(cfg: Config) -> None:
+    """Every pseudo setting that types alone cannot check; raises before any work starts."""
+    p = cfg.pseudo
+    if not p.labelers:
+        raise UserError(f"pseudo.labelers: name at least one labeler (known: {', '.join(LABELERS.names())})")
+    for name in p.labelers:
+        if name not in LABELERS:
+            raise UserError(f"pseudo.labelers: unknown labeler '{name}' (known: {', '.join(LABELERS.names())})")
+    if len(set(p.labelers)) != len(p.labelers):
+        raise UserError(f"pseudo.labelers: a labeler is listed twice ({p.labelers})")
+    choices = {"combine": (p.combine, COMBINE), "selection": (p.selection, SELECTION),
+               "classifier": (p.classifier, ("cosine", "linear"))}
+    for key, (value, known) in choices.items():
+        if value not in known:
+            raise UserError(f"pseudo.{key}: unknown value '{value}' (known: {', '.join(known)})")
+    if p.require_agreement < 1:  # capped at the number of labelers when applied
+        raise UserError(f"pseudo.require_agreement: must be >= 1, got {p.require_agreement}")
+    for key in ("threshold", "topk_fraction", "consistency_threshold", "ema", "scan_self_label_threshold"):
+        if not 0.0 <= getattr(p, key) <= 1.0:
+            raise UserError(f"pseudo.{key}: must be in [0, 1], got {getattr(p, key)}")
+    if not 0.0 < p.propagation_alpha < 1.0:
+        raise UserError(f"pseudo.propagation_alpha: must be in (0, 1), got {p.propagation_alpha}")
+    for key in ("knn_k", "kmeans_clusters", "kmeans_iters", "propagation_iters", "scan_heads", "scan_batch_size",
+                "self_train_batch_size", "unlabeled_ratio", "temperature", "scan_lr", "self_train_lr",
+                "classifier_temperature"):
+        if getattr(p, key) <= 0:
+            raise UserError(f"pseudo.{key}: must be positive, got {getattr(p, key)}")
+    for key in ("rounds", "cpu_threads", "self_train_epochs", "scan_epochs", "scan_self_label_epochs", "scan_clusters",
+                "prototype_refine_iters", "max_steps_per_epoch", "self_train_warmup_epochs",
+                "self_train_weight_decay", "consistency_weight", "propagation_gamma", "scan_entropy_weight"):
+        if getattr(p, key) < 0:
+            raise UserError(f"pseudo.{key}: must be >= 0, got {getattr(p, key)}")
+    if p.self_train_batch_size % dist_info().world:
+        raise UserError(f"pseudo.self_train_batch_size: {p.self_train_batch_size} is not divisible by the "
+                        f"{dist_info().world} processes")
+
+
+def validate_data(cfg: Config, data: CompetitionData) -> None:
+    """Data-dependent checks: cluster counts vs classes, every class labeled, truth ids known."""
+    p, n_classes = cfg.pseudo, data.n_classes
+    if p.kmeans_clusters < n_classes and "kmeans" in p.labelers:
+        raise UserError(f"pseudo.kmeans_clusters: {p.kmeans_clusters} is fewer than the {n_classes} classes")
+    if 0 < p.scan_clusters < n_classes and "scan" in p.labelers:
+        raise UserError(f"pseudo.scan_clusters: {p.scan_clusters} is fewer than the {n_classes} classes (0: classes)")
+    check_classes(data.class_ids[data.labeled_idx], n_classes)
+    if cfg.data.truth:
+        _, truth_labels = truth_rows(data, cfg.data.truth)  # unknown ids: UserError now
+        unknown = sorted(set(truth_labels.tolist()) - set(data.classes.tolist()))
+        if unknown:
+            raise UserError(f"{cfg.data.truth}: class {unknown[0]} has no labeled image "
+                            f"(labeled classes {data.classes.tolist()})")
+
+
+# ---------------------------------------------------------------------------------------------
+# One round
+# ---------------------------------------------------------------------------------------------
+def label_round(cfg: Config, data: CompetitionData, emb: np.ndarray, device: torch.device,
+                extra_idx: np.ndarray, extra_y: np.ndarray, truth: pd.DataFrame | None) -> tuple[pd.DataFrame, dict]:
+    """Run every labeler on `emb` (N, D), combine and select. Returns (labels table, info)."""
+    if cfg.pseudo.center:
+        emb = center_normalize(emb)
+    ctx = LabelingContext(emb, data.labeled_idx, data.class_ids[data.labeled_idx], data.n_classes, cfg.pseudo,
+                          device, cfg.run.seed, extra_idx, extra_y, cfg.run.progress)
+    unl = data.unlabeled_idx
+    ids = data.index["image_id"].to_numpy()[unl]
+    outputs, info = {}, {"labeler_seconds": {}, "labelers": {}}
+    for name in cfg.pseudo.labelers:
+        t0 = time.perf_counter()
+        outputs[name] = LABELERS.get(name)(ctx)[unl]
+        info["labeler_seconds"][name] = round(time.perf_counter() - t0, 2)
+        if truth is not None:  # reporting only: how each labeler alone does on the truth images
+            info["labelers"][name] = _labeler_vs_truth(ids, data.classes[outputs[name].argmax(1)],
+                                                       outputs[name].max(1), truth)
+    res = pseudo_label(outputs, cfg.pseudo)
+    table = pd.DataFrame({"image_id": ids, "label": data.classes[res.label],
+                          "confidence": np.round(res.confidence, 6), "source": res.source,
+                          "selected": res.selected})
+    return table, info
+
+
+def _labeler_vs_truth(ids: np.ndarray, label: np.ndarray, conf: np.ndarray, truth: pd.DataFrame) -> dict:
+    frame = pd.DataFrame({"image_id": ids, "label": label, "confidence": conf}).merge(truth, on="image_id",
+                                                                                     suffixes=("", "_true"))
+    correct = (frame["label"] == frame["label_true"]).to_numpy()
+    curve = precision_at_coverage(frame["confidence"].to_numpy(), correct, (0.5, 0.8, 1.0))
+    return {f"prec@{r.coverage:.1f}": round(r.precision, 4) for r in curve.itertuples()}
+
+
+def _selected_support(paths: RunPaths, r: int, data: CompetitionData) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, class ids) of the images selected in round r's table."""
+    table = pd.read_csv(paths.pseudo_labels(r), dtype={"image_id": str})
+    table = table[table["selected"].astype(bool)]
+    row_of = {image_id: i for i, image_id in enumerate(data.index["image_id"].tolist())}
+    class_of = {c: i for i, c in enumerate(data.classes.tolist())}
+    return (np.array([row_of[i] for i in table["image_id"]], np.int64),
+            np.array([class_of[int(c)] for c in table["label"]], np.int64))
+
+
+def _latest_encoder(paths: RunPaths, r: int) -> tuple:
+    """(weights, spec) of the newest encoder before round r: a trained round's, else ssl's."""
+    for q in range(r - 1, 0, -1):
+        weights = paths.pseudo_round(q) / "encoder.safetensors"
+        if weights.exists():
+            return weights, weights.with_suffix(".json")
+    return paths.encoder("ssl"), paths.encoder_spec("ssl")
+
+
+def _round_done(paths: RunPaths, r: int) -> bool:
+    return (paths.pseudo_round(r) / "_done.json").exists()
+
+
+def train_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int, emb: np.ndarray,
+                device: torch.device) -> np.ndarray | None:
+    """Self-train the latest encoder on labeled + round r-1 selected images; rank 0 saves the EMA
+    encoder + classifier and returns the new embeddings of every image (other ranks: None)."""
+    rdir = paths.pseudo_round(r)
+    extra_idx, extra_y = _selected_support(paths, r - 1, data)
+    rows = np.concatenate([data.labeled_idx, extra_idx])
+    y = np.concatenate([data.class_ids[data.labeled_idx], extra_y])
+    encoder = load_encoder(*_latest_encoder(paths, r), device="cpu")
+    protos = compute_prototypes(emb[rows], y, data.n_classes)  # cosine head starts at the prototypes
+    model = Classifier(encoder, make_head(cfg.pseudo.classifier, encoder.dim, data.n_classes,
+                                          cfg.pseudo.classifier_temperature, protos))
+    ema, log = self_train(cfg, model, data.images, rows, y, data.unlabeled_idx, device, rdir / "ckpt",
+                          paths.log(STAGE_KEY), r)
+    if not dist_info().is_main:  # rank 0 embeds and writes; the others read its files after a barrier
+        return None
+    save_encoder(ema.encoder, rdir / "encoder.safetensors", rdir / "encoder.json",
+                 extra={"stage": STAGE_KEY, "round": r})
+    io.save_tensors(rdir / "classifier.safetensors", ema.head.state_dict(),
+                    metadata={"kind": cfg.pseudo.classifier, "temperature": str(cfg.pseudo.classifier_temperature)})
+    io.write_json(rdir / "train.json", {"train_images": int(len(rows)), "log": log})
+    channels_last = cfg.run.channels_last and device.type == "cuda"
+    return embed(ema.encoder, data.images, device, EMBED_BATCH, cfg.run.precision, channels_last=channels_last,
+                 progress=cfg.run.progress)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+def run(cfg: Config, paths: RunPaths) -> dict:
+    validate(cfg)
+    device = local_device(resolve_device(cfg.run.device))
+    with cpu_threads(device, cfg.pseudo.cpu_threads):
+        return _run(cfg, paths, device)
+
+
+def _run(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
+    info = dist_info()
+    barrier()
+    data = load_data(paths)
+    validate_data(cfg, data)
+    for f in (paths.embeddings("ssl"), paths.encoder("ssl")):
+        if not f.exists():
+            raise UserError(f"{f}: not found (run pipelines/01_ssl.py first)")
+    truth = load_truth(cfg.data.truth)
+    p = cfg.pseudo
+    emb = io.read_npy(paths.embeddings("ssl")).astype(np.float32)
+    summaries: dict[int, dict] = {}
+    for r in range(p.rounds + 1):
+        rdir = paths.pseudo_round(r)
+        if _round_done(paths, r):
+            summaries[r] = io.read_json(rdir / "summary.json")
+            emb = io.read_npy(rdir / "embeddings.npy").astype(np.float32)
+            if info.is_main:
+                print(f"round {r}: done earlier (resuming after it)")
+            continue
+        t0 = time.perf_counter()
+        trained = r > 0 and p.self_train_epochs > 0
+        if trained:
+            emb = train_round(cfg, paths, data, r, emb, device)
+        t_train = time.perf_counter() - t0
+        if info.is_main:
+            extra = _selected_support(paths, r - 1, data) if r > 0 else (np.zeros(0, np.int64),) * 2
+            table, linfo = label_round(cfg, data, emb, device, *extra, truth)
+            io.write_npy(rdir / "embeddings.npy", emb.astype(np.float16))
+            io.write_csv(paths.pseudo_labels(r), table)
+            s = summarize(table, data.classes, truth) | linfo
+            s |= embedding_scores(data, emb, cfg.data.truth, cfg.run.seed)
+            s |= {"round": r, "trained": trained, "train_seconds": round(t_train, 2),
+                  "seconds": round(time.perf_counter() - t0, 2)}
+            if trained:
+                s["self_train"] = io.read_json(rdir / "train.json")["log"][-1]
+            io.write_json(rdir / "summary.json", s)
+            shutil.rmtree(rdir / "ckpt", ignore_errors=True)  # the round's encoder is saved; free the disk
+            io.write_json(rdir / "_done.json", {"round": r})
+            summaries[r] = s
+            print(format_summary(r, s))
+            _note_cv_drop(summaries, r)
+        barrier()
+        if not info.is_main:
+            emb = io.read_npy(rdir / "embeddings.npy").astype(np.float32)
+    return finish(cfg, paths, summaries) if info.is_main else {}
+
+
+def _note_cv_drop(summaries: dict[int, dict], r: int) -> None:
+    if r > 0 and summaries[r]["knn_loo_labeled"] < summaries[r - 1]["knn_loo_labeled"]:
+        print(f"  note: round {r} lowered the labeled leave-one-out kNN score "
+              f"{summaries[r - 1]['knn_loo_labeled']:.4f} -> {summaries[r]['knn_loo_labeled']:.4f}")
+
+
+def finish(cfg: Config, paths: RunPaths, summaries: dict[int, dict]) -> dict:
+    """Final table, encoder and embeddings (the last round's), the per-round table and plot."""
+    last = max(summaries)
+    with io.atomic_path(paths.pseudo_labels(), suffix=".csv") as tmp:
+        shutil.copyfile(paths.pseudo_labels(last), tmp)
+    io.write_npy(paths.embeddings(STAGE_KEY), io.read_npy(paths.pseudo_round(last) / "embeddings.npy"))
+    weights, spec = _latest_encoder(paths, last + 1)
+    save_encoder(load_encoder(weights, spec), paths.encoder(STAGE_KEY), paths.encoder_spec(STAGE_KEY),
+                 extra={"stage": STAGE_KEY, "from": str(weights)})
+    table = summary_table(summaries)
+    io.write_csv(paths.stage(STAGE_KEY) / "summary.csv", table)
+    plot = plot_precision_coverage(summaries, paths.plot(STAGE_KEY, "precision_coverage"))
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.to_string(index=False))
+    if plot:
+        print(f"precision vs coverage plot: {plot}")
+    out = {"rounds": {str(r): {k: s[k] for k in ("n_selected", "coverage", "knn_loo_labeled", "seconds")}
+                      | ({"selected_precision": round(s["truth"]["selected_precision"], 4),
+                          "accuracy_all": round(s["truth"]["accuracy_all"], 4),
+                          "prec@0.8": s["truth"]["precision_at_coverage"]["0.8"]} if "truth" in s else {})
+                      for r, s in summaries.items()}}
+    return out
+
+
+STAGE = Stage(key=STAGE_KEY, title="pseudo-labels: label, select, self-train (rounds)",
+              sections=("data", "pseudo"), run=run, after=("ssl",))
