@@ -16,6 +16,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) pipelines/run_all.py -c $(CONFIG)
+	$(PY) pipelines/baseline.py -c $(CONFIG)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

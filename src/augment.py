@@ -297,7 +297,8 @@ class StrongAugment(nn.Module):
         theta = crop_flip_theta(b, x, generator, None, (1, 1), self.flip, self.translate_px, self.image_size)
         lin = rotation_matrix(mag("rotate", -30, 30) * math.pi / 180)  # (B, 2, 2)
         shx, shy = mag("shear_x", -0.3, 0.3), mag("shear_y", -0.3, 0.3)
-        shear = torch.stack([torch.stack([torch.ones_like(shx), shx], 1), torch.stack([shy, torch.ones_like(shy)], 1)], 1)
+        one = torch.ones_like(shx)
+        shear = torch.stack([torch.stack([one, shx], 1), torch.stack([shy, one], 1)], 1)
         theta[:, :, :2] = theta[:, :, :2] @ lin @ shear
         theta[:, 0, 2] += mag("translate_x", -0.3, 0.3) * 2
         theta[:, 1, 2] += mag("translate_y", -0.3, 0.3) * 2
@@ -333,7 +334,7 @@ def strong_augment(image_size: int = 32, channels_last: bool = False, n_ops: int
 # ---------------------------------------------------------------------------------------------
 def cpu_pipeline(kind: str, image_size: int = 32, crop_scale=(0.2, 1.0), color_jitter: float = 0.4,
                  grayscale_p: float = 0.2, blur_p: float = 0.0, solarize_p: float = 0.0, flip: bool = True,
-                 seed: int | None = None):
+                 rotate_deg: float = 0.0, seed: int | None = None):
     """albumentations Compose, HWC uint8 -> HWC uint8 (normalise later, batched, on the device).
 
     kind: "ssl" (same recipe as GpuAugment), "weak" (flip + pad-4 crop), "strong" (weak + two of a
@@ -348,6 +349,8 @@ def cpu_pipeline(kind: str, image_size: int = 32, crop_scale=(0.2, 1.0), color_j
         s = color_jitter
         ops = [A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(crop_scale)),
                A.HorizontalFlip(p=0.5 if flip else 0.0)]
+        if rotate_deg:
+            ops.append(A.Affine(rotate=(-rotate_deg, rotate_deg), border_mode=cv2.BORDER_REFLECT_101, p=1.0))
         if s > 0:
             ops.append(A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=s / 4, p=0.8))
         if grayscale_p > 0:

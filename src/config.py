@@ -85,6 +85,7 @@ class SSLCfg:
     gpu_augment: str = "auto"  # auto (GPU path on CUDA) | gpu | cpu
     crop_scale_min: float = 0.2
     flip: bool = True  # random horizontal flips (off for mirror-sensitive images such as digits)
+    rotate_deg: float = 0.0  # random rotation in +-rotate_deg degrees (handwriting slant); 0: off
     color_jitter: float = 0.4
     grayscale_p: float = 0.2
     blur_p: float = 0.0

@@ -215,8 +215,9 @@ def lr_range_test(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optim
                   max_lr: float = 10.0, steps: int = 100, smooth: float = 0.9, diverge: float = 4.0) -> dict:
     """Run `steps` training steps with the LR growing exponentially min_lr -> max_lr; `step()` does
     forward + backward + optimizer.step and returns the (device) loss. Stops once the smoothed loss
-    exceeds `diverge` x its minimum. Suggested LR: one tenth of the LR at the smoothed minimum
-    (a conservative reading of the curve, well before divergence)."""
+    exceeds `diverge` x its minimum. Suggested LR: where the smoothed loss falls fastest per
+    log-LR before its minimum (the "steepest descent" reading of the curve; min_loss_lr / 10 is
+    also returned, a rule that misleads when the loss never diverges, e.g. with AdamW + BN)."""
     lrs = np.geomspace(min_lr, max_lr, steps)
     pending: list[torch.Tensor] = []
     losses: list[float] = []
@@ -234,8 +235,15 @@ def lr_range_test(step: Callable[[], torch.Tensor], optimizer: torch.optim.Optim
     smoothed = _ema_smooth(losses, smooth)
     valid = np.where(np.isfinite(smoothed), smoothed, np.inf)
     best = int(np.argmin(valid))
+    skip = max(1, n // 20)  # the first points carry the smoothing's start-up
+    if best - skip >= 2:
+        slope = np.gradient(smoothed[skip:best + 1], np.log(lrs[skip:best + 1]))
+        steep = skip + int(np.argmin(slope))
+    else:
+        steep = best
     return {"lrs": lrs[:n].tolist(), "losses": losses, "smoothed": smoothed.tolist(),
-            "min_loss_lr": float(lrs[best]), "suggested_lr": float(lrs[best] / 10)}
+            "min_loss_lr": float(lrs[best]), "min_loss_lr_div10": float(lrs[best] / 10),
+            "suggested_lr": float(lrs[steep])}
 
 
 def _ema_smooth(values: list[float], beta: float) -> np.ndarray:
@@ -325,9 +333,13 @@ def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     (the backward pass sends each rank the gradient of its own slice, summed over ranks)."""
     if not dist_info().enabled:
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    with warnings.catch_warnings():  # deprecated in torch 2.14 in favour of names that 2.11 lacks
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x.contiguous()), dim=0)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
@@ -360,8 +372,8 @@ def run_stage_distributed(stage, cfg, force: bool = False, lr_find: bool = False
     marker); the other ranks make the same skip decision and call stage.run directly, which
     synchronises with rank 0 (barriers) before reading or training. Only rank 0 writes files."""
     from src.runtime import resolve_device, seed_everything
-    from src.stages import is_done, run_stage
     from src.paths import RunPaths
+    from src.stages import fingerprint, is_done, run_stage
 
     info = init_distributed(resolve_device(cfg.run.device))
     if not info.enabled:
@@ -371,6 +383,7 @@ def run_stage_distributed(stage, cfg, force: bool = False, lr_find: bool = False
     try:
         if info.is_main:
             return run_stage(stage, cfg, force=force)
+        fingerprint(stage, cfg, RunPaths(cfg))  # a missing upstream stage fails here too, not in a barrier
         if not force and is_done(stage, cfg, RunPaths(cfg)):
             return {}
         seed_everything(cfg.run.seed)

@@ -13,6 +13,14 @@ from src.errors import UserError
 from src.models.encoder import MEAN, STD, to_input
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def images():
     rng = np.random.default_rng(0)
@@ -25,7 +33,8 @@ def unnormalise(x):
 
 
 def test_gpu_augment_shapes_ranges_and_determinism(images):
-    lo, hi = to_input(torch.zeros(1, 1, 1, 3, dtype=torch.uint8)), to_input(torch.full((1, 1, 1, 3), 255, dtype=torch.uint8))
+    lo = to_input(torch.zeros(1, 1, 1, 3, dtype=torch.uint8))
+    hi = to_input(torch.full((1, 1, 1, 3), 255, dtype=torch.uint8))
     for aug in (GpuAugment(32, blur_p=0.5, solarize_p=0.5), GpuAugment(16, crop_scale=(0.05, 0.3)),
                 weak_augment(32), strong_augment(32)):
         out = aug(images, torch.Generator().manual_seed(1))
@@ -144,3 +153,17 @@ def test_cpu_pipelines_and_loader(images):
     views = to_device_views(next(iter(loader)), torch.device("cpu"))
     assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32), (4, 3, 32, 32), (4, 3, 16, 16)]
     assert len(loader) == 3  # drop_last: 12 images / 4
+
+
+def test_rotation_moves_a_dot_along_a_circle():
+    """rotate_deg=30: a bright dot 12 px right of the centre stays 12 px away, within 30 degrees."""
+    img = torch.zeros(64, 32, 32, 3, dtype=torch.uint8)
+    img[:, 15:17, 27:29] = 255  # centre of the dot: (16, 28) in pixel edges -> (0, +12) from the centre
+    out = unnormalise(GpuAugment(32, crop_scale=None, flip=False, color_jitter=0.0, grayscale_p=0.0,
+                                 rotate_deg=30)(img, torch.Generator().manual_seed(0)))[:, 0]
+    ys, xs = torch.meshgrid(torch.arange(32) + 0.5 - 16, torch.arange(32) + 0.5 - 16, indexing="ij")
+    w = out / out.sum(dim=(1, 2), keepdim=True)
+    cy, cx = (w * ys).sum(dim=(1, 2)), (w * xs).sum(dim=(1, 2))
+    radius, angle = torch.hypot(cx, cy), torch.rad2deg(torch.atan2(cy, cx))
+    assert torch.allclose(radius, torch.full_like(radius, 12.0), atol=0.5)
+    assert angle.abs().max() <= 30.5 and angle.abs().max() > 15  # spread over the range, not a no-op

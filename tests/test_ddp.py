@@ -43,7 +43,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result = {"loss_mean": float(all_reduce_mean(loss)), "grad": (mine.grad / world).tolist()}
 
     # 2) A few DDP training steps of SimCLR + DINO on synthetic images.
-    cfg = load_config(None, ["run.device=cpu", "backbone.width=4", "backbone.small_stem=false",
+    cfg = load_config(None, ["run.device=cpu", "backbone.width=4", "backbone.stem_width=8",
+                             "backbone.small_stem=false",
                              "ssl.batch_size=16", "ssl.epochs=1", "ssl.proj_hidden=32", "ssl.proj_dim=16",
                              "ssl.dino_out_dim=32", "ssl.dino_bottleneck=8", "ssl.max_steps_per_epoch=3",
                              "ssl.objectives={simclr: 1.0, dino: 0.5}", "ssl.warmup_epochs=0"])

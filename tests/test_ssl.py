@@ -26,6 +26,16 @@ from src.train_utils import (LARS, Checkpointer, cosine_ramp, ema_update, lr_ran
 from src.runtime import REPO_ROOT
 
 TINY = dict(proj_hidden=32, proj_dim=16, dino_out_dim=64, dino_bottleneck=16)
+RESNET = BackboneCfg(name="resnet18", width=4, stem_width=8, small_stem=False)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is as fast and does not spin against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +70,7 @@ def test_byol_and_simsiam_losses_match_hand_formulas():
     pn, zn = p / p.norm(dim=1, keepdim=True), z / z.norm(dim=1, keepdim=True)
     assert cosine_regression(p, z).item() == pytest.approx(((pn - zn) ** 2).sum(1).mean().item(), rel=1e-5)
 
-    enc = Encoder(BackboneCfg(width=4, small_stem=False))
+    enc = Encoder(RESNET)
     feats = [torch.randn(6, enc.dim), torch.randn(6, enc.dim)]
     simsiam = SimSiam(SSLCfg(**TINY), enc)
     z1, z2 = simsiam.projector(torch.cat(feats)).chunk(2)
@@ -99,7 +109,7 @@ def test_dino_loss_matches_manual_cross_entropy_with_centering():
 
 
 def test_dino_center_follows_teacher_mean():
-    enc = Encoder(BackboneCfg(width=4, small_stem=False))
+    enc = Encoder(RESNET)
     dino = DINO(SSLCfg(**TINY, dino_center_momentum=0.9), enc)
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
     feats = [enc(v) for v in views]
@@ -121,7 +131,7 @@ def test_rotation_targets_and_ema():
 
 def test_weighted_combination():
     torch.manual_seed(0)
-    enc = Encoder(BackboneCfg(width=4, small_stem=False))
+    enc = Encoder(RESNET)
     model = SSLModel(enc, SSLCfg(objectives={"simclr": 1.0, "rotation": 0.5}, **TINY))
     views = [torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)]
     total, parts = model(views)
@@ -134,12 +144,12 @@ def test_weighted_combination():
 # ---------------------------------------------------------------------------------------------
 # Every objective x two backbones: a few steps on one fixed batch
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("backbone", [BackboneCfg(name="resnet18", width=4, small_stem=False),
+@pytest.mark.parametrize("backbone", [RESNET,
                                       BackboneCfg(name="test_vit")], ids=["resnet18_w4", "test_vit"])
 @pytest.mark.parametrize("objective", OBJECTIVES.names())
 def test_every_objective_trains(backbone, objective):
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8)
+    images = torch.randint(0, 256, (12, 32, 32, 3), dtype=torch.uint8)
     cfg = SSLCfg(objectives={objective: 1.0}, n_local_crops=2 if objective == "dino" else 0, **TINY)
     model = SSLModel(Encoder(backbone, 32), cfg)
     aug, g = GpuAugment(32), torch.Generator().manual_seed(0)
@@ -147,7 +157,7 @@ def test_every_objective_trains(backbone, objective):
     local = [GpuAugment(16 if "resnet" in backbone.name else 32, crop_scale=(0.05, 0.3))(images, g) for _ in range(2)]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     losses = []
-    for _ in range(6):
+    for _ in range(5):
         loss, _ = model(views, local if model.uses_local else [])
         opt.zero_grad()
         loss.backward()
@@ -255,7 +265,8 @@ def tiny_cfg(root, *extra):
     return load_config(None, [
         f"run.root={root}/runs", "run.name=t", "run.progress=false", "run.device=cpu",
         f"data.path={root}/digits", "data.builder=digits", f"data.truth={root}/truth.csv", "data.demo_test_size=100",
-        "backbone.width=4", "backbone.small_stem=false", "ssl.epochs=3", "ssl.batch_size=32",
+        "backbone.width=4", "backbone.stem_width=8", "backbone.small_stem=false", "ssl.epochs=3",
+        "ssl.batch_size=32",
         "ssl.max_steps_per_epoch=2", "ssl.proj_hidden=32", "ssl.proj_dim=16", "ssl.checkpoint_every=1",
         "ssl.probe_every=2", "ssl.warmup_epochs=1", "ssl.embed_batch_size=512", *extra])
 

@@ -151,7 +151,8 @@ def embed(encoder: nn.Module, images: np.ndarray, device: torch.device, batch_si
     encoder.eval()
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc="embed", disable=not progress, mininterval=2):
-        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).to(device, non_blocking=True)
+        chunk = np.array(images[start:start + batch_size])  # a writable copy: the image cache is a read-only memmap
+        batch = torch.from_numpy(chunk).to(device, non_blocking=True)
         x = to_input(batch, channels_last)
         with autocast(device, precision):
             f = encoder(x).float()

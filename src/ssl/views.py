@@ -36,7 +36,7 @@ def local_size(cfg: Config, encoder) -> int:
 def _aug_kwargs(cfg: Config, scale) -> dict:
     s = cfg.ssl
     return dict(crop_scale=tuple(scale), flip=s.flip, color_jitter=s.color_jitter, grayscale_p=s.grayscale_p,
-                blur_p=s.blur_p, solarize_p=s.solarize_p)
+                blur_p=s.blur_p, solarize_p=s.solarize_p, rotate_deg=s.rotate_deg)
 
 
 class DeviceViews:
