@@ -22,7 +22,8 @@ from src.cv import cv_summary, leave_one_out, truth_accuracy
 from src.errors import UserError
 from src.heads import HEADS, l2_normalize
 from src.meta import META_METHODS
-from src.meta.base import PeakMemory, cpu_threads
+from src.meta.base import PeakMemory
+from src.runtime import cpu_threads
 from src.paths import RunPaths
 from src.runtime import machine_info
 from src.stages.meta import format_table, prepare_inputs, run_method

@@ -81,7 +81,7 @@ class SSLCfg:
     dino_teacher_temp: float = 0.04
     dino_student_temp: float = 0.1
     dino_center_momentum: float = 0.9
-    n_local_crops: int = 0  # DINO multi-crop: extra small crops per image
+    n_local_crops: int = 0  # multi-crop (dino, simclr): extra small crops per image
     gpu_augment: str = "auto"  # auto (GPU path on CUDA) | gpu | cpu
     crop_scale_min: float = 0.2
     flip: bool = True  # random horizontal flips (off for mirror-sensitive images such as digits)
@@ -97,7 +97,7 @@ class SSLCfg:
     embed_batch_size: int = 1024
     min_lr_ratio: float = 0.0  # cosine schedule ends at lr * min_lr_ratio
     dino_bottleneck: int = 256  # DINO head bottleneck before the prototypes
-    local_crop_size: int = 16  # DINO multi-crop: side of local crops in pixels (conv nets; ViTs use image_size)
+    local_crop_size: int = 16  # multi-crop (dino, simclr): side of local crops in pixels (ViTs use image_size)
     local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.3])  # area fraction of local crops
     log_every: int = 50  # steps between progress-bar loss refreshes (the only in-epoch host sync)
     lr_find_steps: int = 100  # --lr-find: steps of the exponential LR sweep
@@ -213,7 +213,7 @@ class CVCfg:
     n_way: int = 10
     n_shot: int = 2
     n_query: int = 15
-    episode_min_confidence: float = 0.9
+    episode_min_confidence: float = 0.0  # episodes draw from the selected pseudo-labels at or above this
     encoder_max_fits: int = 20  # heads that fine-tune the encoder: cap on redraws and episodes each
     stack_folds: int = 5  # group folds of the out-of-fold features the stacker trains on
     stack_max_pseudo: int = 3000  # pseudo-labeled rows (class-balanced sample) in the stacker's table

@@ -16,7 +16,6 @@ makes every method usable as an inference head.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 import threading
@@ -275,25 +274,6 @@ def meta_train(method: MetaMethod, sampler, bank: FeatureBank, seed: int, checkp
     final = torch.stack(losses[-max(cfg.log_every, 1):]).mean().item() if losses else float("nan")
     return {"iterations": cfg.episodes, "resumed_from": start, "final_loss": final}
 
-
-@contextlib.contextmanager
-def cpu_threads(device: torch.device, n: int):
-    """Limit torch's CPU intra-op threads and the BLAS pools to n inside the block (n = 0 or a GPU
-    device: unchanged). The methods run many tiny kernels; with several OpenMP threads on a busy CPU
-    each kernel waits at a barrier (measured on the 2-core machine: 04_meta on digits 385 s with
-    2 threads, 29 s with 1)."""
-    from threadpoolctl import threadpool_limits
-
-    if device.type != "cpu" or n <= 0:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(n):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------------------------------------

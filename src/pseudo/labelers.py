@@ -21,7 +21,6 @@ Registered labelers:
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +35,7 @@ from src.config import PseudoCfg
 from src.errors import UserError
 from src.neighbors import affinity_matrix, kmeans, knn_graph, knn_search, normalized_adjacency
 from src.registry import Registry
+from src.runtime import cpu_threads
 
 LABELERS = Registry("labeler")
 
@@ -204,24 +204,6 @@ def knn_labeler(ctx: LabelingContext) -> np.ndarray:
     np.add.at(votes, (np.repeat(np.arange(len(ctx.emb)), nbr.shape[1]), y[nbr].ravel()), w.ravel())
     return _renorm(votes)
 
-
-@contextlib.contextmanager
-def cpu_threads(device: torch.device, n: int):
-    """torch intra-op and BLAS threads limited to n inside the block (n <= 0 or CUDA: unchanged).
-    Small CPU kernels wait at OpenMP barriers when the cores are shared: on the busy 2-core host the
-    demo 02_pseudo took 124 s with torch's 2 threads and 40 s with 1 (SCAN head: 22 s vs 3.5 s)."""
-    if device.type != "cpu" or n <= 0:
-        yield
-        return
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        with threadpool_limits(n):
-            yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @LABELERS.register("scan")

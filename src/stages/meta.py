@@ -34,12 +34,12 @@ from src.cv import cv_summary, leave_one_out, public_truth, truth_accuracy
 from src.data import CompetitionData, load_data
 from src.errors import UserError
 from src.meta import META_METHODS
-from src.meta.base import (EncoderTail, FeatureBank, Identity, MetaMethod, PeakMemory, cpu_threads, meta_train,
+from src.meta.base import (EncoderTail, FeatureBank, Identity, MetaMethod, PeakMemory, meta_train,
                            trunk_features)
 from src.meta.sampler import (POOLS, EpisodeSampler, Pool, cap_per_class, cluster_pool, labeled_pool,
                               pseudo_pool)
 from src.paths import RunPaths
-from src.runtime import resolve_device
+from src.runtime import cpu_threads, resolve_device
 from src.stages import Stage
 
 ENCODER_STAGES = ("metric", "pseudo", "ssl")  # latest first
