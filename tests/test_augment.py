@@ -13,12 +13,6 @@ from src.errors import UserError
 from src.models.encoder import MEAN, STD, to_input
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

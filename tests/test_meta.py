@@ -21,13 +21,6 @@ from src.meta.sampler import EpisodeSampler, Pool, cluster_pool, pseudo_pool
 from tests.conftest import run_script
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP barrier stalls on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def linear_logits(params, x):

@@ -13,14 +13,6 @@ from src.metric.train import (MetricObjective, arcface_centres, arcface_logits, 
 from test_pseudo import blobs, fake_ssl  # tests/ is on sys.path (pytest rootdir conftest)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels: one intra-op thread is several times faster than two on the shared 2-core host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _cfg(**metric) -> Config:
     cfg = Config()

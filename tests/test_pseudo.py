@@ -18,14 +18,6 @@ from src.pseudo.selection import (SelfAdaptiveThreshold, combine, distribution_a
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels: one intra-op thread is several times faster than two on the shared 2-core host."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def blobs(n_per=40, n_classes=10, dim=16, sigma=0.15, n_labeled=3, seed=0):
     """Unit-norm Gaussian blobs around random unit centres: (x (N, D), y (N,), labeled rows)."""

@@ -29,13 +29,6 @@ TINY = dict(proj_hidden=32, proj_dim=16, dino_out_dim=64, dino_bottleneck=16)
 RESNET = BackboneCfg(name="resnet18", width=4, stem_width=8, small_stem=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is as fast and does not spin against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
