@@ -36,7 +36,7 @@ class RunCfg:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "bf16"  # bf16 (autocast on CUDA only) | fp32
-    channels_last: bool = True  # NHWC memory format on CUDA
+    channels_last: bool = True  # NHWC memory format (CUDA and CPU: oneDNN convolutions measured 1.2-1.5x faster on 2 Zen 3 cores)
     compile: bool = False  # torch.compile the encoder (pays off on long GPU runs)
     num_workers: int = 0  # CPU data-loader workers for the per-image augmentation path
     progress: bool = True  # tqdm progress bars
@@ -84,6 +84,7 @@ class SSLCfg:
     n_local_crops: int = 0  # multi-crop (dino, simclr): extra small crops per image
     gpu_augment: str = "auto"  # auto (GPU path on CUDA) | gpu | cpu
     crop_scale_min: float = 0.2
+    view_size: int = 0  # >0: side of the global views in training (e.g. 16: ~4x fewer FLOPs); embeddings keep image_size
     flip: bool = True  # random horizontal flips (off for mirror-sensitive images such as digits)
     rotate_deg: float = 0.0  # random rotation in +-rotate_deg degrees (handwriting slant); 0: off
     color_jitter: float = 0.4

@@ -33,7 +33,7 @@ from src.pseudo.report import (embedding_scores, format_summary, load_truth, plo
                                precision_at_coverage, summarize, summary_table)
 from src.pseudo.selection import COMBINE, SELECTION, pseudo_label
 from src.pseudo.selftrain import Classifier, make_head, self_train
-from src.runtime import cpu_threads, resolve_device
+from src.runtime import cpu_threads, resolve_device, use_channels_last
 from src.stages import Stage
 from src.train_utils import barrier, dist_info, local_device
 
@@ -173,7 +173,7 @@ def train_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int, emb
     io.save_tensors(rdir / "classifier.safetensors", ema.head.state_dict(),
                     metadata={"kind": cfg.pseudo.classifier, "temperature": str(cfg.pseudo.classifier_temperature)})
     io.write_json(rdir / "train.json", {"train_images": int(len(rows)), "log": log})
-    channels_last = cfg.run.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.run.channels_last, device, ema.encoder)
     return embed(ema.encoder, data.images, device, EMBED_BATCH, cfg.run.precision, channels_last=channels_last,
                  progress=cfg.run.progress)
 
