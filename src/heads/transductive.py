@@ -192,7 +192,7 @@ class Propagation(Head):
             self.prep = Preprocess(c.transductive_features, c.power_beta).fit(nodes)
             self.node_feats = self.prep(nodes)
             self._keys = {row.tobytes(): i for i, row in enumerate(nodes)}
-            sims, idx = knn_graph(self.node_feats, min(c.graph_k, len(nodes) - 1))
+            sims, idx = knn_graph(self.node_feats, max(1, min(c.graph_k, len(nodes) - 1)))
             lp = LabelPropagation(sims, idx, alpha=c.propagation_alpha, gamma=c.propagation_gamma)
             seeds = np.arange(len(x))
         scores = lp.propagate(seeds, y, n_classes, w)  # (N, C): the only place labels enter

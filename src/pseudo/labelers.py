@@ -31,10 +31,10 @@ from tqdm import tqdm
 
 from src.config import PseudoCfg
 from src.errors import UserError
-from src.neighbors import kmeans, knn_graph, knn_search
+from src.neighbors import kmeans, knn_search
 from src.registry import Registry
 from src.runtime import cpu_threads
-from src.transductive import block_cg, compute_prototypes, propagation_operator, softmax
+from src.transductive import TransductiveContext, block_cg, compute_prototypes, propagation_operator, softmax
 
 LABELERS = Registry("labeler")
 
@@ -51,16 +51,17 @@ class LabelingContext:
     extra_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # selected pseudo rows
     extra_y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # their labels
     progress: bool = False
-    _graph: tuple[np.ndarray, np.ndarray] | None = None
+    _context: TransductiveContext | None = None
 
     def __post_init__(self) -> None:
         check_classes(self.labeled_y, self.n_classes)
 
     def graph(self) -> tuple[np.ndarray, np.ndarray]:
-        """kNN graph (sims (N, k), idx (N, k)) of the embeddings, computed once and shared."""
-        if self._graph is None:
-            self._graph = knn_graph(self.emb, self.cfg.knn_k, self.device)
-        return self._graph
+        """kNN graph (sims (N, k), idx (N, k)) of the embeddings (already preprocessed by the stage),
+        computed once and shared (the same cache the transductive heads use)."""
+        if self._context is None:
+            self._context = TransductiveContext(self.emb, self.device)
+        return self._context.graph("none", 0.5, self.cfg.knn_k)
 
     def support(self) -> tuple[np.ndarray, np.ndarray]:
         """Labeled rows plus the previous round's selected pseudo-labeled rows: (idx, y)."""

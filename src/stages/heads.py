@@ -111,7 +111,7 @@ class HeadInputs:
     context: TransductiveContext | None = None  # every image's embedding, for heads with uses_context
 
     def inputs(self, head, rows: np.ndarray) -> np.ndarray:
-        if head.takes_rows:  # the head reads its context's features (and kNN graph) itself
+        if getattr(head, "takes_rows", False):  # the head reads its context's features (and kNN graph) itself
             return rows
         return np.asarray(self.images[rows]) if head.runs_encoder else self.x[rows]
 
