@@ -204,7 +204,9 @@ class HeadsCfg:
     tta_flip: bool = True  # heads that run the encoder average the image and its mirror
     logreg_c: float = 10.0
     # transductive heads (src/heads/transductive.py): propagation, pt_map, tim, laplacianshot, bd_cspn
-    transductive_features: str = "cl2n"  # none | l2n | cl2n | power_l2n | power_cl2n: one shared preprocessing step
+    # auto (each method's own: propagation, laplacianshot cl2n; tim, bd_cspn l2n; pt_map power_cl2n) or one of
+    # none | l2n | cl2n | power_l2n | power_cl2n for all of them: one shared preprocessing step
+    transductive_features: str = "auto"
     power_beta: float = 0.5  # power transform exponent (power_* features; Hu et al. 2021)
     transductive_set: str = "query"  # with all images known: query (test + held-out rows) | all (every unlabeled image)
     graph_k: int = 20  # kNN graph over all images (propagation; laplacianshot keeps laplacian_k of these)
@@ -213,8 +215,8 @@ class HeadsCfg:
     ptmap_steps: int = 20  # PT-MAP centre updates (Hu et al. 2021)
     ptmap_lr: float = 0.2  # fraction of the way each centre moves per step (the paper's alpha)
     ptmap_lambda: float = 10.0  # optimal-transport cost weight
-    tim_steps: int = 100  # TIM-GD Adam steps (Boudiaf et al. 2020); distance picks l2 (paper) or cosine logits
-    tim_lr: float = 1e-3
+    tim_steps: int = 50  # TIM-GD Adam steps (Boudiaf et al. 2020); distance picks l2 (paper) or cosine logits
+    tim_lr: float = 2e-3
     tim_temperature: float = 15.0
     tim_weights: list[float] = field(default_factory=lambda: [0.1, 1.0, 0.1])  # CE, H(Y) marginal, H(Y|X)
     laplacian_k: int = 3  # LaplacianShot kNN kernel (Ziko et al. 2020)
@@ -416,7 +418,7 @@ def validate(cfg: Config) -> None:
 
 def validate_heads(h: HeadsCfg) -> None:
     """Ranges of the transductive heads' keys (src/heads/transductive.py)."""
-    features = ("none", "l2n", "cl2n", "power_l2n", "power_cl2n")  # src.transductive.FEATURES
+    features = ("auto", "none", "l2n", "cl2n", "power_l2n", "power_cl2n")  # auto + src.transductive.FEATURES
     if h.transductive_features not in features:
         raise UserError(f"heads.transductive_features: expected one of {', '.join(features)}, "
                         f"got '{h.transductive_features}'")

@@ -43,6 +43,10 @@ def test_prototypes_soft_assignments_and_preprocessing():
     np.testing.assert_allclose(compute_prototypes(x, soft, 2, cosine=False), want, atol=1e-6)
     np.testing.assert_allclose(compute_prototypes(x, np.array([0, 0, 1]), 2), l2_normalize(np.array([[1, 1], [-1, 0]])),
                                atol=1e-6)
+    from src.heads.transductive import FEATURES, features_for
+
+    assert {n: features_for(HEADS.get(n)(HeadsCfg())) for n in TRANSDUCTIVE} == FEATURES  # auto: each its own
+    assert {features_for(HEADS.get(n)(HeadsCfg(transductive_features="l2n"))) for n in TRANSDUCTIVE} == {"l2n"}
     rng = np.random.default_rng(0)
     raw = np.abs(rng.normal(size=(20, 5))).astype(np.float32)
     prep = Preprocess("power_cl2n", beta=0.5).fit(raw)
@@ -105,9 +109,12 @@ def test_propagation_seed_responses_equal_the_closed_form():
     y = np.zeros((50, 3))
     y[seeds, labels] = [1.0, 0.5, 0.5, 1.0]  # class 1 has two seeds: each carries half its mass
     want = np.clip(np.linalg.solve(lp.a.toarray(), y), 0, None)
-    np.testing.assert_allclose(lp.propagate(seeds, labels, 3), want, atol=1e-5)
-    lp.MAX_CACHED = 0  # force the direct C-column solve
-    np.testing.assert_allclose(LabelPropagation(sims, idx, 0.9, 3.0).propagate(seeds, labels, 3), want, atol=1e-5)
+    np.testing.assert_allclose(lp.propagate(seeds, labels, 3), want, atol=1e-5)  # first call: direct solve
+    np.testing.assert_allclose(lp.propagate(seeds, labels, 3), want, atol=1e-5)  # then: cached seed columns
+    assert lp.responses(seeds).shape == (50, 4)
+    y[3, 0] = 0.0  # seed 3 left out: its column is not used
+    want = np.clip(np.linalg.solve(lp.a.toarray(), y), 0, None)
+    np.testing.assert_allclose(lp.propagate(seeds[1:], labels[1:], 3), want, atol=1e-5)
 
 
 def test_propagation_head_on_a_context_reuses_one_graph(monkeypatch):

@@ -3,11 +3,12 @@ LaplacianShot and BD-CSPN (the methods live in src/transductive; see their docst
 
 Inputs. Without a context a head takes embeddings, like every head: ``fit(support_x, ...,
 query_x=test_x)`` preprocesses support and queries with one transform fitted on both
-(``heads.transductive_features``). With a :class:`src.transductive.TransductiveContext` (stage 05
-and the comparison scripts set ``head.context``) it takes row indices into the context's
-embeddings of ALL images instead: features are preprocessed once over every image, the kNN graph is
-built once, and ``heads.transductive_set`` chooses the transductive set: ``query`` (the rows passed
-as query_x: the test images and any held-out row) or ``all`` (every image not in the support).
+(``heads.transductive_features``; ``auto``: each method's own, ``FEATURES`` below). With a
+:class:`src.transductive.TransductiveContext` (stage 05 and the comparison scripts set
+``head.context``) it takes row indices into the context's embeddings of ALL images instead:
+features are preprocessed once over every image, the kNN graph is built once, and
+``heads.transductive_set`` chooses the transductive set: ``query`` (the rows passed as query_x: the
+test images and any held-out row) or ``all`` (every image not in the support).
 
 Outputs. ``predict_proba`` returns the transductive posterior for rows of the transductive set, and
 the method's inductive rule (its final classifier alone) for any other row. With
@@ -33,18 +34,31 @@ def balance(probs: np.ndarray, present: np.ndarray) -> np.ndarray:
     return sinkhorn_balance(probs, present, iters=SINKHORN_ITERS, tol=SINKHORN_TOL)
 
 
+def features_for(head: Head) -> str:
+    """The head's feature preprocessing: heads.transductive_features, or with auto its FEATURES entry."""
+    return FEATURES[head.name] if head.cfg.transductive_features == "auto" else head.cfg.transductive_features
+
+
+# Feature preprocessing per method under transductive_features=auto: the papers' choices (PT-MAP:
+# power transform + CL2N, Hu et al. 2021; TIM: L2N, Boudiaf et al. 2020; LaplacianShot: CL2N, Ziko et
+# al. 2020; BD-CSPN: cosine on L2N, Liu et al. 2020) and stage 02's for propagation (pseudo.center).
+FEATURES = {"propagation": "cl2n", "pt_map": "power_cl2n", "tim": "l2n", "laplacianshot": "cl2n", "bd_cspn": "l2n"}
+
+
 class TransductiveHead(Head):
     """Resolves inputs (rows or embeddings), runs :meth:`_transduce` on the transductive set, keeps
     its posteriors, and answers other rows with :meth:`_inductive`."""
 
     transductive = True
     uses_context = True
+    name = ""  # registry name (FEATURES key)
 
     def fit(self, support_x, support_y, n_classes, query_x=None, support_weight=None):
         x, y, w = self._start(support_x, support_y, n_classes, support_weight)
         cfg = self.cfg
+        self.features = features_for(self)
         if self.takes_rows:
-            self.feats = self.context.features(cfg.transductive_features, cfg.power_beta)
+            self.feats = self.context.features(self.features, cfg.power_beta)
             self.support_rows = x
             self.query_rows = self._transductive_rows(x, query_x)
             self._pos = np.full(len(self.context), -1, np.int64)
@@ -52,7 +66,7 @@ class TransductiveHead(Head):
             fs, fq = self.feats[x], self.feats[self.query_rows]
         else:
             q = np.zeros((0, x.shape[1]), np.float32) if query_x is None else np.asarray(query_x, np.float32)
-            self.prep = Preprocess(cfg.transductive_features, cfg.power_beta).fit(np.concatenate([x, q]))
+            self.prep = Preprocess(self.features, cfg.power_beta).fit(np.concatenate([x, q]))
             self._keys = {row.tobytes(): i for i, row in enumerate(q)}
             fs, fq = self.prep(x), self.prep(q)
         probs = self._transduce(fs, y, w, fq)
@@ -100,7 +114,9 @@ class TransductiveHead(Head):
 @HEADS.register("pt_map")
 class PTMap(TransductiveHead):
     """PT-MAP (Hu et al. 2021): optimal-transport soft assignments to class centres that move
-    towards them (``heads.ptmap_*``; the paper's features: ``transductive_features=power_cl2n``)."""
+    towards them (``heads.ptmap_*``; with transductive_features=auto the paper's power_cl2n)."""
+
+    name = "pt_map"
 
     def _transduce(self, fs, y, w, fq):
         c = self.cfg
@@ -118,6 +134,8 @@ class TIM(TransductiveHead):
     Adam on the classifier weights (``heads.tim_*``; logits -T/2 ||f - w||^2 with
     heads.distance=euclidean, as in the paper, or T cos(f, w) with cosine, as in easyfsl)."""
 
+    name = "tim"
+
     def _transduce(self, fs, y, w, fq):
         c = self.cfg
         ce, marginal, cond = c.tim_weights
@@ -133,6 +151,8 @@ class TIM(TransductiveHead):
 class BDCSPN(TransductiveHead):
     """BD-CSPN (Liu et al. 2020): prototypes rectified with the shifted, pseudo-labeled queries;
     softmax(protonet_temperature * cos) to them (``heads.bdcspn_epsilon`` weighs the rows)."""
+
+    name = "bd_cspn"
 
     def _transduce(self, fs, y, w, fq):
         self.protos = rectify_prototypes(fs, y, fq, self.n_classes, w, self.cfg.bdcspn_epsilon, self.cfg.balanced_prior)
@@ -150,11 +170,13 @@ class LaplacianShot(TransductiveHead):
     comes from the graph of all images: each row keeps its first laplacian_k neighbours among the
     graph_k nearest that belong to the transductive set."""
 
+    name = "laplacianshot"
+
     def _transduce(self, fs, y, w, fq):
         c = self.cfg
         self.protos = rectify_prototypes(fs, y, fq, self.n_classes, w, c.bdcspn_epsilon, c.balanced_prior)
         if self.takes_rows:
-            _, nbrs = self.context.graph(c.transductive_features, c.power_beta, max(c.graph_k, c.laplacian_k))
+            _, nbrs = self.context.graph(self.features, c.power_beta, max(c.graph_k, c.laplacian_k))
             pos = self._pos[nbrs[self.query_rows]]  # (Q, k) positions in the transductive set, -1 outside
             order = np.argsort(pos < 0, axis=1, kind="stable")[:, :c.laplacian_k]  # members first, by similarity
             kernel = knn_kernel(np.take_along_axis(pos, order, 1), len(fq))
@@ -178,18 +200,19 @@ class Propagation(Head):
 
     transductive = True
     uses_context = True
+    name = "propagation"
 
     def fit(self, support_x, support_y, n_classes, query_x=None, support_weight=None):
         x, y, w = self._start(support_x, support_y, n_classes, support_weight)
         c = self.cfg
+        features = features_for(self)
         if self.takes_rows:
-            lp = self.context.propagation(c.transductive_features, c.power_beta, c.graph_k, c.propagation_alpha,
-                                          c.propagation_gamma)
+            lp = self.context.propagation(features, c.power_beta, c.graph_k, c.propagation_alpha, c.propagation_gamma)
             seeds = x
         else:
             q = np.zeros((0, x.shape[1]), np.float32) if query_x is None else np.asarray(query_x, np.float32)
             nodes = np.concatenate([x, q])
-            self.prep = Preprocess(c.transductive_features, c.power_beta).fit(nodes)
+            self.prep = Preprocess(features, c.power_beta).fit(nodes)
             self.node_feats = self.prep(nodes)
             self._keys = {row.tobytes(): i for i, row in enumerate(nodes)}
             sims, idx = knn_graph(self.node_feats, max(1, min(c.graph_k, len(nodes) - 1)))

@@ -19,6 +19,7 @@ from src.transductive.core import (FEATURES, Adam, Preprocess, center_normalize,
 from src.transductive.graph import LabelPropagation, TransductiveContext, block_cg, propagation_operator
 
 __all__ = ["FEATURES", "Adam", "Preprocess", "center_normalize", "class_balanced_targets", "compute_prototypes",
-           "info_objective", "l2_normalize", "one_hot", "power_transform", "prototype_logits", "sinkhorn", "sinkhorn_balance",
+           "info_objective", "l2_normalize", "one_hot", "power_transform", "prototype_logits", "sinkhorn",
+           "sinkhorn_balance",
            "softmax", "squared_distances", "LabelPropagation", "TransductiveContext", "block_cg",
            "propagation_operator"]

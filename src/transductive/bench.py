@@ -168,7 +168,8 @@ def bench_transductive(cfg: Config, args) -> dict:
                               else run_easyfsl(ref, split, data.n_classes, args.max_dense_gb))
                 a_acc, a_s = _cell(mine, truth)
                 b_acc, b_s = _cell(theirs, truth)
-                rows.append(f"| {split.name} ({len(split.x)}) | {label} | {a_acc} | {a_s} | {kind} {ref} | {b_acc} | {b_s} |")
+                rows.append(f"| {split.name} ({len(split.x)}) | {label} | {a_acc} | {a_s} | {kind} {ref} "
+                            f"| {b_acc} | {b_s} |")
                 record["results"].append({"set": split.name, "n": int(len(split.x)), "method": label, "ours": ours,
                                           "ours_accuracy": a_acc, "ours_seconds": a_s, "reference": f"{kind} {ref}",
                                           "reference_accuracy": b_acc, "reference_seconds": b_s})

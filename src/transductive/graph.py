@@ -9,8 +9,10 @@ scipy.sparse.linalg.cg column by column).
 :class:`LabelPropagation` serves many seed sets on one graph: F is linear in Y, so it solves
 (I - alpha S) g_j = e_j once per seed row j (to a relative residual of 1e-6) and any later seed set
 of cached rows is the weighted sum of their columns, F[:, c] = sum_{j: y_j = c} w_j g_j. Leave-one-out
-and support re-draws therefore cost a (N, L) x (L, C) product each. The held-out row's label never
-reaches :meth:`LabelPropagation.propagate` (tests/test_transductive.py spies on it).
+and support re-draws therefore cost a (N, L) x (L, C) product each. (The first seed set, and any
+with more than MAX_CACHED new rows, is solved directly for its C columns: one fit needs no cache.)
+The held-out row's label never reaches :meth:`LabelPropagation.propagate` (tests/test_transductive.py
+spies on it).
 
 :class:`TransductiveContext` holds every image's embedding (N, D) and caches what heads derive from
 it: preprocessed features, the kNN graph, the propagation operator. Stage 05 and the comparison
@@ -79,6 +81,7 @@ class LabelPropagation:
         self.rtol, self.maxiter = rtol, maxiter
         self._col = np.full(self.n, -1, np.int64)  # row -> column of self._g, -1: not solved yet
         self._g = np.zeros((self.n, 0), np.float32)  # (N, cached) responses g_j = A^-1 e_j
+        self._calls = 0
 
     def responses(self, rows: np.ndarray) -> np.ndarray:
         """(N, len(rows)) float32 responses A^-1 e_j of seed rows j, solved once and cached."""
@@ -105,7 +108,11 @@ class LabelPropagation:
         y = np.zeros((len(seed_rows), n_classes))
         y[np.arange(len(seed_rows)), seed_y] = w / np.maximum(per_class[seed_y], 1e-30)
         uncached = np.count_nonzero(self._col[seed_rows] < 0)
-        if uncached > self.MAX_CACHED:  # many seeds (pseudo-labeled support): one C-column solve
+        first = not self._calls
+        self._calls += 1
+        # One C-column solve when the cache would not pay: the operator's first seed set (a single fit
+        # need not solve one column per seed) or many new seeds (pseudo-labeled support).
+        if uncached and (first or uncached > self.MAX_CACHED):
             dense = np.zeros((self.n, n_classes))
             np.add.at(dense, seed_rows, y)
             f = block_cg(self.a, dense, x0=dense, rtol=self.rtol, maxiter=self.maxiter)

@@ -72,7 +72,8 @@ def tim_logits(f: np.ndarray, w: np.ndarray, temperature: float, cosine: bool) -
 
 def tim_gd(fs: np.ndarray, ys: np.ndarray, fq: np.ndarray, n_classes: int, weight: np.ndarray | None = None,
            steps: int = 100, lr: float = 1e-3, temperature: float = 15.0, ce_weight: float = 0.1,
-           marginal_weight: float = 1.0, cond_weight: float = 0.1, cosine: bool = False) -> tuple[np.ndarray, np.ndarray]:
+           marginal_weight: float = 1.0, cond_weight: float = 0.1,
+           cosine: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """TIM-GD on L2-normalised features fs (S, D), fq (Q, D). The support CE is class-balanced
     (class_balanced_targets; equal to TIM's mean CE on a balanced support). Returns (query
     probabilities (Q, C), weights W (C, D))."""
