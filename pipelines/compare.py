@@ -5,7 +5,8 @@
 Meta methods (src/meta) start from the encoder the meta stage would use (meta.encoder, default the
 latest of metric > pseudo > ssl). Heads (src/heads) run on that same stage's embeddings with the 30
 labeled images as their support: 05_heads may add pseudo-labeled support rows, this table does not,
-so every row adapts to the same 30 labels. One table: local CV (leave-one-out accuracy over the
+so every row adapts to the same 30 labels. Transductive heads with a context (src/heads/transductive.py)
+see every image's embedding, as in 05_heads. One table: local CV (leave-one-out accuracy over the
 labeled images, Wilson 95% interval), public-truth test accuracy when data.truth is set (scoring
 only), wall time and peak memory of each. Written to <run>/compare.md and <run>/compare.json.
 Stage outputs are not touched: this command trains its own copies (no checkpoints).

@@ -15,6 +15,7 @@ from src.transductive import (LabelPropagation, Preprocess, TransductiveContext,
                               info_objective, l2_normalize, propagation_operator, sinkhorn_balance, softmax)
 from src.transductive import methods as M
 from src.neighbors import knn_graph
+from test_report import truth_comp  # noqa: F401  (fixture: digits copy with its truth file)
 
 TRANSDUCTIVE = ["propagation", "pt_map", "tim", "laplacianshot", "bd_cspn"]
 
@@ -380,6 +381,25 @@ def test_transductive_set_all_uses_unlabeled_rows_beyond_the_queries():
     plain = HEADS.get("pt_map")(HeadsCfg()).fit(sx, sy, 4, query_x=qx)
     assert np.abs(out["all"] - out["query"]).max() > 1e-3
     assert np.abs(plain.predict_proba(qx) - out["query"]).max() < 0.05  # same set, centring mean differs
+
+
+def test_bench_transductive_table(truth_comp, tmp_path, capsys):
+    """pipelines/bench.py transductive on a fake run: one table row per pair and set, accuracies
+    from the truth file; our heads only (CI has no easyfsl)."""
+    from conftest import run_script
+    from test_report import make_run
+
+    _, paths, overrides = make_run(truth_comp, tmp_path, pseudo=False)
+    code, err = run_script("bench.py", "transductive", *overrides, "--no-reference", "--threads", "1",
+                           "--methods", "propagation,pt_map,tim", capsys=capsys)
+    assert code == 0, err
+    table = (paths.run / "bench_transductive.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| test") or line.startswith("| all")]
+    assert len(rows) == 6
+    for row in rows:
+        assert float(row.split("|")[3]) > 0.6, row
+    code, err = run_script("bench.py", "transductive", *overrides, "--sets", "some", capsys=capsys)
+    assert code == 2 and "--sets" in err
 
 
 @pytest.mark.parametrize("override, key", [

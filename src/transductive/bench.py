@@ -49,8 +49,8 @@ PAIRS = [
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sets", default="test,all", help="transductive sets: test (labeled + test images), "
                                                            "all (every image); comma-separated")
-    parser.add_argument("--methods", default="", help="comma-separated labels' heads to run (default: all pairs), "
-                                                      "e.g. pt_map,tim")
+    parser.add_argument("--methods", default="", help="comma-separated heads of ours whose pairs to run "
+                                                      "(default: all pairs), e.g. pt_map,tim")
     parser.add_argument("--threads", type=int, default=0, help="BLAS / torch threads for every method (0: default)")
     parser.add_argument("--max-dense-gb", type=float, default=4.0,
                         help="skip a reference whose dense (Q, Q) matrices would exceed this")
@@ -152,6 +152,12 @@ def bench_transductive(cfg: Config, args) -> dict:
     pairs = [p for p in PAIRS if not wanted or p[1] in wanted]
     if wanted and len(pairs) != len(wanted):
         raise UserError(f"--methods: expected some of {', '.join(p[1] for p in PAIRS)}, got '{args.methods}'")
+    if not args.no_reference and any(kind == "easyfsl" for _, _, kind, _ in pairs):
+        try:
+            import easyfsl  # noqa: F401
+        except ImportError:
+            raise UserError("easyfsl: not installed (pip install -r requirements-bench.txt -c requirements.txt, "
+                            "or pass --no-reference)") from None
     splits = make_splits(x, labeled, data.class_ids[labeled], data.test_idx, [s for s in args.sets.split(",") if s])
     if args.threads:
         torch.set_num_threads(args.threads)
