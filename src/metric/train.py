@@ -43,7 +43,7 @@ from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
 from src.models.encoder import embed, load_encoder, save_encoder, to_input
 from src.paths import RunPaths
-from src.pseudo.labelers import compute_prototypes
+from src.transductive import compute_prototypes
 from src.pseudo.report import embedding_scores
 from src.runtime import autocast, cpu_threads, resolve_device, sync, use_channels_last
 from src.train_utils import Checkpointer, build_optimizer, param_groups, set_lr, warmup_cosine
