@@ -1,6 +1,7 @@
 """Benchmarks: python pipelines/bench.py <what> -c CONFIG [section.key=value ...] [options]
 
     python pipelines/bench.py ssl -c configs/cifar_gpu.yaml      # SSL step: views/s, memory, epoch time
+    python pipelines/bench.py lightly -c configs/cifar_cpu.yaml --seconds 300   # vs lightly's SimCLR
 
 Each benchmark is one entry of BENCHES: "module:function", where the function takes
 (cfg, args) and the module may define add_arguments(parser) for its own options."""
@@ -14,6 +15,8 @@ from src.config import load_config
 
 BENCHES = {
     "ssl": ("src.ssl.bench:bench_ssl", "SSL training step: augmented views/s, peak memory, epoch time"),
+    "lightly": ("src.ssl.bench_lightly:bench_lightly",
+                "our SimCLR beside lightly's (requirements-bench.txt) at equal wall time: views/s and kNN probe"),
 }
 
 
