@@ -27,6 +27,8 @@ loading, augmentation and worker start-up count) and a side stops after the firs
 past S. The LR follows the config's warmup + cosine shape over the fraction of S spent (warm-up
 fraction ssl.warmup_epochs / ssl.epochs), so each side gets one complete schedule in its budget.
 views/s = 2 x batch x steps after the first --warmup steps / their seconds (synchronised).
+Rows: untrained (the common initial encoder, BatchNorm running statistics at their initial values),
+lightly, ours.
 """
 from __future__ import annotations
 
