@@ -2,6 +2,7 @@
 
     python pipelines/bench.py ssl -c configs/cifar_gpu.yaml      # SSL step: views/s, memory, epoch time
     python pipelines/bench.py transductive -c configs/demo.yaml run.name=demo   # vs easyfsl / sklearn
+    python pipelines/bench.py lightly -c configs/cifar_cpu.yaml --seconds 300   # vs lightly's SimCLR
 
 Each benchmark is one entry of BENCHES: "module:function", where the function takes
 (cfg, args) and the module may define add_arguments(parser) for its own options."""
@@ -17,6 +18,8 @@ BENCHES = {
     "ssl": ("src.ssl.bench:bench_ssl", "SSL training step: augmented views/s, peak memory, epoch time"),
     "transductive": ("src.transductive.bench:bench_transductive",
                      "transductive heads vs easyfsl and scikit-learn on a run's embeddings: accuracy, seconds"),
+    "lightly": ("src.ssl.bench_lightly:bench_lightly",
+                "our SimCLR beside lightly's (requirements-bench.txt) at equal wall time: views/s and kNN probe"),
 }
 
 
