@@ -152,13 +152,13 @@ def bench_transductive(cfg: Config, args) -> dict:
     pairs = [p for p in PAIRS if not wanted or p[1] in wanted]
     if wanted and len(pairs) != len(wanted):
         raise UserError(f"--methods: expected some of {', '.join(p[1] for p in PAIRS)}, got '{args.methods}'")
+    splits = make_splits(x, labeled, data.class_ids[labeled], data.test_idx, [s for s in args.sets.split(",") if s])
     if not args.no_reference and any(kind == "easyfsl" for _, _, kind, _ in pairs):
         try:
             import easyfsl  # noqa: F401
         except ImportError:
             raise UserError("easyfsl: not installed (pip install -r requirements-bench.txt -c requirements.txt, "
                             "or pass --no-reference)") from None
-    splits = make_splits(x, labeled, data.class_ids[labeled], data.test_idx, [s for s in args.sets.split(",") if s])
     if args.threads:
         torch.set_num_threads(args.threads)
     rows, record = [], {"run": cfg.run.name, "embeddings": source, "n_images": int(len(x)), "dim": int(x.shape[1]),
