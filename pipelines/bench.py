@@ -1,6 +1,7 @@
 """Benchmarks: python pipelines/bench.py <what> -c CONFIG [section.key=value ...] [options]
 
-    python pipelines/bench.py ssl -c configs/cifar_gpu.yaml      # SSL step: views/s, memory, epoch time
+    python pipelines/bench.py ssl -c configs/cifar_gpu.yaml       # SSL step: views/s, GFLOP/s, memory, epoch time
+    python pipelines/bench.py pipeline -c configs/cifar_gpu.yaml  # every stage: time, memory, views/s, CV, truth
 
 Each benchmark is one entry of BENCHES: "module:function", where the function takes
 (cfg, args) and the module may define add_arguments(parser) for its own options."""
@@ -13,7 +14,9 @@ from src.cli import guarded
 from src.config import load_config
 
 BENCHES = {
-    "ssl": ("src.ssl.bench:bench_ssl", "SSL training step: augmented views/s, peak memory, epoch time"),
+    "ssl": ("src.ssl.bench:bench_ssl", "SSL training step: augmented views/s, GFLOP/s vs the matmul roof, memory"),
+    "pipeline": ("src.pipeline_bench:bench_pipeline",
+                 "every stage from a clean run: wall time, peak RSS / GPU memory, SSL GFLOP/s, local CV, truth"),
 }
 
 
