@@ -7,8 +7,8 @@
 #   device tool:  run(command="bash scripts/gpu_run.sh", carry=[".device"], timeout_s=600)
 #
 # Steps: install the carried wheels into $SITE; check every import; run every stage under a
-# deadline (DEADLINE_S from the start of this script; the pipeline is stopped there so the packing
-# still fits the 600 s call); pack bench.json, summary.md, submission.csv, the encoder shards and
+# deadline (DEADLINE_S from the start of this script; optional stages are skipped when their budgets
+# would pass it, and the pipeline is stopped there so the packing still fits the 600 s call); pack bench.json, summary.md, submission.csv, the encoder shards and
 # run.tar.gz into $OUT beside log.txt. A failed or stopped run still packs what it has and exits
 # non-zero (the pipeline's status: 2 bad input/config, 3 missing package, 124 deadline).
 #
@@ -66,11 +66,15 @@ PY
   local args=(-c "$CONFIG")
   [[ -f "$ARCHIVE" ]] && args+=("data.archive=$ARCHIVE")
   [[ -f "$TRUTH" ]] && args+=("data.truth=$TRUTH")
-  # shellcheck disable=SC2206
-  args+=(run.progress=false $OVERRIDES)
+  local extra=()
+  read -r -a extra <<< "$OVERRIDES"  # split on spaces, no globbing ([a,b] lists stay as they are)
+  args+=(run.progress=false "${extra[@]}")
   local left=$(( DEADLINE_S - (SECONDS - t0) ))
   echo "gpu_run: bench pipeline, ${left}s left before the deadline"
-  timeout --signal=TERM --kill-after=20 "$left" "$PYTHON" -u pipelines/bench.py pipeline "${args[@]}" --run "$RUN"
+  # --deadline-s: optional stages (02-04) are skipped when they would leave too little for 05/06, so a
+  # slow run still ends with a submission; `timeout` is the hard stop behind it.
+  timeout --signal=TERM --kill-after=20 "$left" "$PYTHON" -u pipelines/bench.py pipeline "${args[@]}" --run "$RUN" \
+    --deadline-s $(( left - 10 ))
   rc=$?
   echo "gpu_run: pipeline exit $rc after $(( SECONDS - t0 ))s"
   "$PYTHON" pipelines/pack.py out "${args[@]}" "run.name=$RUN" --out "$OUT" --encoder-stage "$ENCODER_STAGE"

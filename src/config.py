@@ -275,6 +275,11 @@ class BenchCfg:
     budget_s: float = 0.0  # whole pipeline, wall seconds; 0: no budget
     max_gpu_memory_gb: float = 0.0  # peak torch.cuda.max_memory_allocated of any stage (GB = 1e9 B); 0: no cap
     roof_size: int = 0  # n of the n x n matmul that measures the roof; 0: 4096 (CPU, fp32) / 8192 (CUDA, bf16)
+    # >0: time this many SSL steps (bench.py ssl, beside 00_prepare) and set ssl.epochs to what fits
+    # stage_budget_s.ssl at the measured speed, at most ssl_max_epochs; 0: keep ssl.epochs
+    ssl_probe_steps: int = 0
+    ssl_max_epochs: int = 0  # 0: ssl.epochs (the fit only shortens)
+    ssl_overhead_s: float = 20.0  # seconds of 01_ssl that are not training steps (start-up, probes, embeddings)
 
 
 @dataclass
@@ -415,9 +420,11 @@ def validate(cfg: Config) -> None:
             raise UserError(f"bench.stage_budget_s: unknown stage '{name}' (known: {', '.join(STAGE_DIRS)})")
         if not seconds > 0:
             raise UserError(f"bench.stage_budget_s.{name}: must be positive, got {seconds}")
-    for key in ("budget_s", "max_gpu_memory_gb", "roof_size"):
+    for key in ("budget_s", "max_gpu_memory_gb", "roof_size", "ssl_probe_steps", "ssl_max_epochs", "ssl_overhead_s"):
         if getattr(cfg.bench, key) < 0:
             raise UserError(f"bench.{key}: must be >= 0, got {getattr(cfg.bench, key)}")
+    if cfg.bench.ssl_probe_steps and not cfg.bench.stage_budget_s.get("ssl"):
+        raise UserError("bench.ssl_probe_steps: needs bench.stage_budget_s.ssl (the seconds to fit the epochs into)")
 
 
 def for_stage(cfg: Config, stage_key: str) -> Config:

@@ -3,7 +3,8 @@
 Each numbered stage script runs in its own child process (``python pipelines/NN_stage.py -c CONFIG
 ... run.name=RUN``), so its numbers are its own:
 
-* wall seconds: the child's whole life (imports and CUDA start-up included), timed here;
+* wall seconds: the child's whole life (imports and CUDA start-up included), timed here, and its
+  CPU seconds (user + system, from the same rusage);
 * peak RSS: ``ru_maxrss`` of that one child, read with ``os.wait4`` on its pid (the kernel's
   high-water mark of the child and the grandchildren it waited for, e.g. DataLoader workers).
   RUSAGE_CHILDREN would give the maximum over *all* children so far, not this stage's;
@@ -14,6 +15,13 @@ Each numbered stage script runs in its own child process (``python pipelines/NN_
   roof measured at the end (n x n fp32 torch.mm on CPU, bf16 on CUDA);
 * at the end: the submission's local CV (its sidecar) and its public-truth accuracy, scored from
   the CSV with src.submission.score when data.truth is set.
+
+With bench.ssl_probe_steps > 0 the SSL epochs are fitted to the time budget before 01_ssl runs:
+``bench.py ssl`` times that many training steps in a child process beside 00_prepare (GPU work
+beside a CPU-bound stage: it costs no wall time there), and the stages from 01_ssl on get
+``ssl.epochs = floor(0.9 x (stage_budget_s.ssl - ssl_overhead_s) / epoch seconds)``, between 1 and
+ssl_max_epochs (or ssl.epochs). The 0.9 leaves room for what steady-state steps do not show
+(per-epoch syncs, the first epoch's cuDNN autotuning). The fit is kept in ssl_fit.json for --resume.
 
 Results: ``runs/<RUN>/bench.json`` (rewritten after every stage, so a run killed by a deadline
 keeps what it measured) and ``runs/<RUN>/bench.md`` (a RESULTS-ready section). RUN defaults to
@@ -53,6 +61,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the run directory: skip unchanged stages, resume an interrupted one")
     parser.add_argument("--no-roof", action="store_true", help="skip the matmul roof measurement")
+    parser.add_argument("--deadline-s", type=float, default=0.0,
+                        help="seconds from the start by which the pipeline must end: an optional stage (one the "
+                             "submission does not need) is skipped when its budget and the budgets of the needed "
+                             "stages after it would pass the deadline")
+
+
+def needed_stages() -> set[str]:
+    """Stages the submission cannot do without: the last stage and, transitively, its `after`
+    (02_pseudo, 03_metric and 04_meta are only `optional_after` of what follows them)."""
+    from src.stages import get_stage
+
+    last = list(STAGE_DIRS)[-1]
+    needed, todo = set(), [last]
+    while todo:
+        key = todo.pop()
+        if key not in needed:
+            needed.add(key)
+            todo.extend(get_stage(key).after)
+    return needed
+
+
+def skip_reason(key: str, elapsed: float, deadline: float, budgets: dict[str, float], needed: set[str],
+                skipped: list[str]) -> str | None:
+    """Why an optional stage is skipped now (None: run it). Budgets are bench.stage_budget_s."""
+    from src.stages import get_stage
+
+    if key in needed:
+        return None
+    missing = [up for up in get_stage(key).after if up in skipped]
+    if missing:
+        return f"needs {', '.join(STAGE_DIRS[m] for m in missing)}, which was skipped"
+    keys = list(STAGE_DIRS)
+    later_needed = [k for k in keys[keys.index(key) + 1:] if k in needed]
+    need = budgets.get(key, 0.0) + sum(budgets.get(k, 0.0) for k in later_needed)
+    if deadline and elapsed + need > deadline:
+        return (f"deadline: {elapsed:.0f} s + {need:.0f} s of budgets ({STAGE_DIRS[key]} and "
+                f"{', '.join(STAGE_DIRS[k] for k in later_needed)}) > {deadline:.0f} s")
+    return None
 
 
 def stage_command(stage_dir: str, config: str | None, overrides: list[str], run: str) -> list[str]:
@@ -62,8 +108,8 @@ def stage_command(stage_dir: str, config: str | None, overrides: list[str], run:
     return cmd + list(overrides) + [f"run.name={run}"]
 
 
-def run_child(cmd: list[str]) -> tuple[int, float, float]:
-    """(exit status, wall seconds, peak RSS MiB) of one child process."""
+def run_child(cmd: list[str]) -> tuple[int, float, float, float]:
+    """(exit status, wall seconds, peak RSS MiB, CPU seconds: user + system) of one child process."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd())
@@ -77,7 +123,51 @@ def run_child(cmd: list[str]) -> tuple[int, float, float]:
             proc.kill()
         raise
     proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4: keep Popen from waiting again
-    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024  # KiB on Linux
+    return (proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024,  # ru_maxrss: KiB on Linux
+            usage.ru_utime + usage.ru_stime)
+
+
+def start_ssl_probe(cfg: Config, args: argparse.Namespace, overrides: list[str], run: str,
+                    paths: RunPaths) -> subprocess.Popen:
+    steps = cfg.bench.ssl_probe_steps
+    cmd = [sys.executable, str(REPO_ROOT / "pipelines" / "bench.py"), "ssl", *(["-c", args.config] if args.config else []),
+           *overrides, f"run.name={run}", "--steps", str(steps), "--warmup", str(max(3, steps // 3)),
+           "--augment", "config", "--out", str(paths.run / "ssl_probe.jsonl")]
+    log = open(paths.run / "ssl_probe.log", "w")
+    print(f"bench: timing {steps} SSL steps beside 00_prepare (log {paths.run / 'ssl_probe.log'})", flush=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log.close()
+    return proc
+
+
+def fit_ssl_epochs(cfg: Config, paths: RunPaths, probe: subprocess.Popen) -> dict:
+    """Wait for the probe; the epochs that fit stage_budget_s.ssl at its seconds per step."""
+    from src.train_utils import steps_per_epoch
+
+    _, status, usage = os.wait4(probe.pid, 0)
+    probe.returncode = os.waitstatus_to_exitcode(status)
+    fit: dict = {"config_epochs": cfg.ssl.epochs, "epochs": cfg.ssl.epochs, "probe_returncode": probe.returncode,
+                 "probe_peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+    out = paths.run / "ssl_probe.jsonl"
+    if probe.returncode != 0 or not out.exists() or not paths.images.exists():
+        fit["error"] = f"probe exit {probe.returncode} (see {paths.run / 'ssl_probe.log'}): ssl.epochs unchanged"
+        print(f"warning: {fit['error']}", flush=True)
+        return fit
+    m = io.read_jsonl(out)[-1]
+    fit["probe"] = {k: m.get(k) for k in ("train_views_per_s", "seconds_per_step", "flops_per_view", "achieved_gflops",
+                                         "roof_pct", "roof", "peak_memory_mb", "augment_gpu_views_per_s",
+                                         "augment_cpu_views_per_s", "steps", "warmup")}
+    n = len(io.read_npy(paths.images, mmap=True))
+    steps = steps_per_epoch(n, cfg.ssl.batch_size, 1, cfg.ssl.max_steps_per_epoch)
+    epoch_s = steps * m["seconds_per_step"]
+    available = cfg.bench.stage_budget_s["ssl"] - cfg.bench.ssl_overhead_s
+    cap = cfg.bench.ssl_max_epochs or cfg.ssl.epochs
+    epochs = max(1, min(cap, math.floor(0.9 * available / epoch_s)))
+    fit.update({"images": n, "steps_per_epoch": steps, "epoch_s": round(epoch_s, 2), "available_s": available,
+                "cap": cap, "epochs": epochs})
+    print(f"bench: ssl.epochs={epochs} fits {available:.0f} s at {m['train_views_per_s']:,.0f} views/s "
+          f"({epoch_s:.2f} s per epoch of {steps} steps; config {cfg.ssl.epochs}, cap {cap})", flush=True)
+    return fit
 
 
 def _count_ssl(cfg: Config) -> dict:
@@ -150,20 +240,45 @@ def bench_pipeline(cfg: Config, args: argparse.Namespace) -> dict:
     previous = signal.signal(signal.SIGTERM, on_term)
     code = 0
     t_start = time.perf_counter()
+    fit_file = paths.run / "ssl_fit.json"
+    probe = None
+    if cfg.bench.ssl_probe_steps and args.resume and fit_file.exists():
+        result["ssl_fit"] = io.read_json(fit_file)
+        overrides = [*overrides, f"ssl.epochs={result['ssl_fit']['epochs']}"]
+    elif cfg.bench.ssl_probe_steps:
+        probe = start_ssl_probe(cfg, args, overrides, run, paths)
+    needed = needed_stages() if args.deadline_s else set(STAGE_DIRS)
+    skipped: list[str] = []
     try:
         for key, dirname in STAGE_DIRS.items():
+            reason = skip_reason(key, time.perf_counter() - t_start, args.deadline_s, cfg.bench.stage_budget_s,
+                                 needed, skipped)
+            if reason:
+                print(f"bench: skipping {dirname} ({reason})", flush=True)
+                skipped.append(key)
+                result["stages"].append({"stage": dirname, "key": key, "status": "skipped", "reason": reason,
+                                         "budget_s": cfg.bench.stage_budget_s.get(key)})
+                io.write_json(json_path, result)
+                continue
+            if probe is not None and key == "ssl":
+                result["ssl_fit"] = fit_ssl_epochs(cfg, paths, probe)
+                probe = None
+                io.write_json(fit_file, result["ssl_fit"])
+                overrides = [*overrides, f"ssl.epochs={result['ssl_fit']['epochs']}"]
+                result["overrides"] = overrides
+                io.write_json(json_path, result)
             print(f"bench: stage {dirname}", flush=True)
             row = {"stage": dirname, "key": key, "budget_s": cfg.bench.stage_budget_s.get(key)}
             result["stages"].append(row)
             started = time.perf_counter()
             try:
-                rc, wall, rss = run_child(stage_command(dirname, args.config, overrides, run))
+                rc, wall, rss, cpu = run_child(stage_command(dirname, args.config, overrides, run))
             except Stopped:
                 row.update({"status": "stopped", "wall_s": round(time.perf_counter() - started, 1)})
                 result["status"] = f"stopped during {dirname}"
                 code = 124
                 break
-            row.update({"returncode": rc, "wall_s": round(wall, 2), "peak_rss_mb": round(rss, 1)})
+            row.update({"returncode": rc, "wall_s": round(wall, 2), "cpu_s": round(cpu, 1), "peak_rss_mb": round(rss, 1)})
             record = _done_record(paths, key)
             if record:
                 row["stage_s"] = record.get("seconds")
@@ -180,7 +295,13 @@ def bench_pipeline(cfg: Config, args: argparse.Namespace) -> dict:
                 break
         else:
             result["status"] = "ok"
+    except Stopped:  # while waiting for the probe
+        result["status"] = "stopped before 01_ssl"
+        code = 124
     finally:
+        if probe is not None and probe.poll() is None:
+            probe.terminate()
+            probe.wait()
         signal.signal(signal.SIGTERM, previous)
         result["total_wall_s"] = round(time.perf_counter() - t_start, 1)
         finish(cfg, paths, result, device, roof=not args.no_roof and code == 0)
@@ -208,6 +329,7 @@ def finish(cfg: Config, paths: RunPaths, result: dict, device, roof: bool) -> No
     from src.costs import achieved
 
     out.update(achieved(out["flops_per_view"], out["views_per_s"], (out.get("roof") or {}).get("gflops")))
+    result["skipped"] = [r["stage"] for r in result["stages"] if r.get("status") == "skipped"]
     ssl_row = next((r for r in result["stages"] if r["key"] == "ssl" and r.get("status") == "ok"), None)
     budget = cfg.bench.stage_budget_s.get("ssl")
     if ssl_row and budget and out["train_seconds"] and out["epochs"]:
@@ -233,19 +355,21 @@ def _fmt(v, spec: str = ".1f") -> str:
 
 def _rows(result: dict) -> list[list[str]]:
     cuda = result["device"].startswith("cuda")
-    header = ["stage", "wall s", "budget s", "stage s", "peak RSS MiB"] + (["peak GPU MiB", "GPU est. MiB"] if cuda else [])
+    header = ["stage", "wall s", "budget s", "stage s", "CPU s", "peak RSS MiB"] + (
+        ["peak GPU MiB", "GPU est. MiB"] if cuda else [])
     rows = [header]
     for r in result["stages"]:
         over = r.get("budget_s") is not None and r.get("wall_s") is not None and r["wall_s"] > r["budget_s"]
         line = [r["stage"] + ("" if r.get("status") == "ok" else f" ({r.get('status')})"),
                 _fmt(r.get("wall_s")) + (" OVER" if over else ""), _fmt(r.get("budget_s"), ".0f"),
-                _fmt(r.get("stage_s")), _fmt(r.get("peak_rss_mb"), ",.0f")]
+                _fmt(r.get("stage_s")), _fmt(r.get("cpu_s")), _fmt(r.get("peak_rss_mb"), ",.0f")]
         if cuda:
             line += [_fmt(r.get("peak_gpu_mb"), ",.0f"), _fmt(r.get("gpu_estimate_mb"), ",.0f")]
         rows.append(line)
     budgets = [r["budget_s"] for r in result["stages"] if r.get("budget_s")]
     total = ["total", _fmt(result.get("total_wall_s")), _fmt(result["budget"]["total_s"] or (sum(budgets) or None), ".0f"),
-             "", _fmt(max([r.get("peak_rss_mb") or 0 for r in result["stages"]] or [0]), ",.0f")]
+             "", _fmt(sum(r.get("cpu_s") or 0 for r in result["stages"])),
+             _fmt(max([r.get("peak_rss_mb") or 0 for r in result["stages"]] or [0]), ",.0f")]
     rows.append(total + (["", ""] if cuda else []))
     return rows
 
@@ -289,6 +413,20 @@ def _summary_lines(result: dict) -> list[str]:
     if "within_budget" in result:
         lines.append(f"Whole pipeline {result.get('total_wall_s')} s: "
                      + ("within" if result["within_budget"] else "NOT within") + " the budget")
+    fit = result.get("ssl_fit")
+    if fit:
+        probe = fit.get("probe") or {}
+        if "error" in fit:
+            lines.append(f"SSL epochs not fitted: {fit['error']}")
+        else:
+            lines.append(f"SSL probe ({probe.get('steps')} steps, bench.py ssl): {probe['train_views_per_s']:,.0f} views/s, "
+                         f"{probe['seconds_per_step'] * 1000:.1f} ms/step, {probe['achieved_gflops']:,.1f} GFLOP/s = "
+                         f"{probe['roof_pct']:.1f} % of the matmul roof; ssl.epochs fitted to {fit['epochs']} "
+                         f"({fit['epoch_s']} s/epoch into {fit['available_s']:.0f} s; config {fit['config_epochs']}, "
+                         f"cap {fit['cap']})")
+    for r in result["stages"]:
+        if r.get("status") == "skipped":
+            lines.append(f"Skipped {r['stage']}: {r['reason']}")
     lines.append(f"Status: {result['status']}")
     return lines
 
