@@ -114,7 +114,7 @@ def ssl_step_costs(cfg: Config, batch: int = 0) -> dict:
 
     b = batch or cfg.ssl.batch_size
     model = _ssl_model(cfg).train()
-    size = cfg.data.image_size
+    size = cfg.ssl.view_size or cfg.data.image_size  # global views (ssl.view_size: trained smaller)
     n_local = cfg.ssl.n_local_crops if model.uses_local else 0
     lpx = local_size(cfg, model.encoder)
     memory = LiveMemory()

@@ -7,6 +7,9 @@ exp(cos / T), T = 0.07; the monitor most SSL papers report), or a plain majority
 * ``knn_loo_labeled``: leave-one-out over the labeled images (30 here) -- usable for decisions;
 * ``knn_5fold_truth``: 5-fold k-NN within the test images listed in ``cfg.data.truth`` -- a
   monitoring/report number only, never used for training, thresholds or model selection.
+
+And one label-free signal, usable inside a run: :func:`rankme`, the effective rank of the embeddings
+of a fixed sample of unlabeled images (Garrido et al. 2023, arXiv:2210.02885).
 """
 from __future__ import annotations
 
@@ -111,6 +114,15 @@ def knn_probe(feats_of_rows, data: CompetitionData, truth: str = "", k: int = 20
         rows, labels = truth_rows(data, truth)
         out["knn_5fold_truth"] = knn_kfold_accuracy(feats_of_rows(rows), labels, k, seed=seed)
     return out
+
+
+def rankme(feats, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of the
+    (N, D) embedding matrix, in [1, min(N, D)]. Label-free: a collapsing encoder scores near 1, one
+    that spreads its images over all D directions near D."""
+    s = torch.linalg.svdvals(_as_tensor(feats).double())
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:

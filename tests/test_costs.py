@@ -58,6 +58,9 @@ def test_ssl_step_flops_of_resnet18_match_the_hand_count():
     assert costs["views_per_step"] == 2 * b
     assert costs["flops_per_view"] == encoder + projector + nt_xent
     assert costs["flops_per_step"] == (encoder + projector + nt_xent) * 2 * b
+    # ssl.view_size=16: every convolution sees a quarter of the pixels; the heads and the loss do not
+    small = ssl_step_costs(load_config(CONFIGS / "cifar_gpu.yaml", ["ssl.view_size=16"]), batch=b)
+    assert small["flops_per_view"] == encoder // 4 + projector + nt_xent
 
 
 @pytest.mark.parametrize("objectives, n_local", [({"byol": 1.0}, 0), ({"dino": 1.0}, 2), ({"simsiam": 1.0}, 0),

@@ -43,9 +43,9 @@ from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
 from src.models.encoder import embed, load_encoder, save_encoder, to_input
 from src.paths import RunPaths
-from src.pseudo.labelers import compute_prototypes
+from src.transductive import compute_prototypes
 from src.pseudo.report import embedding_scores
-from src.runtime import cpu_threads, autocast, resolve_device, sync
+from src.runtime import autocast, cpu_threads, resolve_device, sync, use_channels_last
 from src.train_utils import Checkpointer, build_optimizer, param_groups, set_lr, warmup_cosine
 
 STAGE_KEY = "metric"
@@ -292,7 +292,7 @@ def _train(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
     print(f"metric: {len(rows)} training images ({len(data.labeled_idx)} labeled) from {source}; "
           f"batch {batch} = {batch // m} classes x {m}; {steps} steps/epoch")
 
-    channels_last = cfg.run.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.run.channels_last, device, encoder)
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     objective = MetricObjective(cfg.metric, data.n_classes, encoder.dim).to(device)
@@ -356,7 +356,7 @@ def finish(cfg: Config, paths: RunPaths, data: CompetitionData, encoder: nn.Modu
            source: str, n_train: int, device: torch.device) -> dict:
     save_encoder(encoder, paths.encoder(STAGE_KEY), paths.encoder_spec(STAGE_KEY),
                  extra={"stage": STAGE_KEY, "from": source, "losses": cfg.metric.losses})
-    channels_last = cfg.run.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.run.channels_last, device, encoder)
     emb = embed(encoder, data.images, device, EMBED_BATCH, cfg.run.precision, channels_last=channels_last,
                 progress=cfg.run.progress)
     io.write_npy(paths.embeddings(STAGE_KEY), emb.astype(np.float16))

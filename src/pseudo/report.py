@@ -15,7 +15,7 @@ import pandas as pd
 from src import io
 from src.data.competition import read_id_label_csv
 from src.probe import knn_probe, truth_rows
-from src.pseudo.labelers import compute_prototypes
+from src.transductive import compute_prototypes
 
 COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 

@@ -90,7 +90,7 @@ def bench_ssl(cfg: Config, args: argparse.Namespace) -> dict:
     lpx = local_size(cfg, run.encoder)
     for path in paths:
         cls = DeviceViews if path == "gpu" else LoaderViews
-        src = cls(cfg, images, device, batch, n_local, lpx)
+        src = cls(cfg, images, device, batch, n_local, lpx, run.channels_last)
         stream = _cycle(src, len(images) // batch)
         seconds = _timed(device, lambda: next(stream), max(1, args.warmup // 2), args.steps)
         out[f"augment_{path}_views_per_s"] = round(args.steps * batch * n_views / seconds, 1)
@@ -98,7 +98,7 @@ def bench_ssl(cfg: Config, args: argparse.Namespace) -> dict:
 
     # Full training step on the configured path.
     path = augment_path(cfg, device)
-    src = (DeviceViews if path == "gpu" else LoaderViews)(cfg, images, device, batch, n_local, lpx)
+    src = (DeviceViews if path == "gpu" else LoaderViews)(cfg, images, device, batch, n_local, lpx, run.channels_last)
     stream = _cycle(src, len(images) // batch)
     step = iter(range(10**9))
     if device.type == "cuda":

@@ -15,6 +15,11 @@ stacker folds are group folds). This removes the direct echo, not all of it: the
 global choices saw every label, so LOO with pseudo-labeled support is optimistic when the
 pseudo-labels are poor. Heads that use them therefore also report ``loo_labeled_only`` (the same
 head on the labeled images alone), an honest reference for the head without its pseudo-labels.
+
+Transductive heads with ``uses_context`` (src/heads/transductive.py) share one
+:class:`src.transductive.TransductiveContext` over every image: features and the kNN graph are
+built once, every fit (final, LOO, re-draws, stacker folds, episodes) passes row indices and only
+changes the support (label propagation: the seeds).
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ from src.heads import HEADS, l2_normalize
 from src.paths import RunPaths
 from src.runtime import resolve_device
 from src.stages import Stage
+from src.transductive import TransductiveContext
 
 EMBEDDING_STAGES = ("metric", "pseudo", "ssl")  # latest first
 
@@ -102,8 +108,11 @@ class HeadInputs:
     pseudo_y: np.ndarray
     pseudo_w: np.ndarray  # confidence
     pseudo_group: np.ndarray  # (P,) index 0..L-1 of the labeled row it inherited its label from
+    context: TransductiveContext | None = None  # every image's embedding, for heads with uses_context
 
     def inputs(self, head, rows: np.ndarray) -> np.ndarray:
+        if getattr(head, "takes_rows", False):  # the head reads its context's features (and kNN graph) itself
+            return rows
         return np.asarray(self.images[rows]) if head.runs_encoder else self.x[rows]
 
 
@@ -120,13 +129,18 @@ def inherited_from(x: np.ndarray, rows: np.ndarray, row_y: np.ndarray, labeled: 
     return out
 
 
-def make_head(name: str, cfg: Config, encoder, device):
+def make_head(name: str, cfg: Config, encoder, device, context: TransductiveContext | None = None):
+    """A fresh head; heads with uses_context get `context` (the embeddings and kNN graph of every
+    image, shared by all their fits) and then take row indices."""
     cls = HEADS.get(name)
     if name == "cosine_finetune" and encoder is not None:
         return cls(cfg.heads, encoder=encoder, device=device, precision=cfg.run.precision, seed=cfg.run.seed)
     if name == "cosine_finetune":
         return cls(cfg.heads, device=device, seed=cfg.run.seed)
-    return cls(cfg.heads)
+    head = cls(cfg.heads)
+    if head.uses_context:
+        head.context = context
+    return head
 
 
 def fit_predict_fn(name: str, cfg: Config, h: HeadInputs, encoder, device, use_pseudo: bool,
@@ -138,7 +152,7 @@ def fit_predict_fn(name: str, cfg: Config, h: HeadInputs, encoder, device, use_p
     `extra_query` (the test images) as their unlabeled query set."""
 
     def fit_predict(train: np.ndarray, test: np.ndarray) -> np.ndarray:
-        head = make_head(name, cfg, encoder, device)
+        head = make_head(name, cfg, encoder, device, h.context)
         rows, ys, ws = sup_rows[train], sup_y[train], sup_w[train]
         if use_pseudo and len(h.pseudo):
             keep = np.isin(h.pseudo_group, sup_group[train])
@@ -217,7 +231,7 @@ def run(cfg: Config, paths: RunPaths) -> dict:
     h = HeadInputs(x=x, images=data.images, n_classes=data.n_classes, labeled=labeled,
                    labeled_y=data.class_ids[labeled], test=data.test_idx,
                    pseudo=np.zeros(0, np.int64), pseudo_y=np.zeros(0, np.int64), pseudo_w=np.zeros(0, np.float32),
-                   pseudo_group=np.zeros(0, np.int64))
+                   pseudo_group=np.zeros(0, np.int64), context=TransductiveContext(x, device))
     if support is not None and len(support):
         h.pseudo, h.pseudo_y = support["row"].to_numpy(), support["y"].to_numpy()
         h.pseudo_w = support["confidence"].to_numpy(np.float32)
@@ -266,7 +280,7 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
 
     labeled_fp = over(h.labeled, h.labeled_y, ones, groups)
     # Final model: every labeled row (and all pseudo support); test rows are the query set.
-    head = make_head(name, cfg, encoder, device)
+    head = make_head(name, cfg, encoder, device, h.context)
     probs = _predict_test(h, head, use_pseudo)
     oof = leave_one_out(labeled_fp, h.labeled_y)
     loo_plain = None

@@ -39,7 +39,7 @@ from src.meta.base import (EncoderTail, FeatureBank, Identity, MetaMethod, PeakM
 from src.meta.sampler import (POOLS, EpisodeSampler, Pool, cap_per_class, cluster_pool, labeled_pool,
                               pseudo_pool)
 from src.paths import RunPaths
-from src.runtime import cpu_threads, resolve_device
+from src.runtime import cpu_threads, resolve_device, use_channels_last
 from src.stages import Stage
 
 ENCODER_STAGES = ("metric", "pseudo", "ssl")  # latest first
@@ -156,7 +156,7 @@ def prepare_inputs(cfg: Config, paths: RunPaths) -> MetaInputs:
         encoder = load_encoder(paths.encoder(source), paths.encoder_spec(source), device)
         feats = trunk_features(encoder, data.images, rows, device, cfg.meta.batch_size, cfg.run.precision,
                                cfg.run.progress)
-        if device.type == "cuda" and cfg.run.channels_last and feats.dim() == 4:
+        if use_channels_last(cfg.run.channels_last, device, encoder) and feats.dim() == 4:
             feats = feats.contiguous(memory_format=torch.channels_last)
     else:
         emb = io.read_npy(paths.embeddings(source), mmap=True)

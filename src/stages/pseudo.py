@@ -28,14 +28,15 @@ from src.errors import UserError
 from src.models.encoder import embed, load_encoder, save_encoder
 from src.paths import RunPaths
 from src.probe import truth_rows
-from src.pseudo.labelers import LABELERS, LabelingContext, center_normalize, check_classes, compute_prototypes
+from src.pseudo.labelers import LABELERS, LabelingContext, check_classes
 from src.pseudo.report import (embedding_scores, format_summary, load_truth, plot_precision_coverage,
                                precision_at_coverage, summarize, summary_table)
 from src.pseudo.selection import COMBINE, SELECTION, pseudo_label
 from src.pseudo.selftrain import Classifier, make_head, self_train
-from src.runtime import cpu_threads, resolve_device
+from src.runtime import cpu_threads, resolve_device, use_channels_last
 from src.stages import Stage
 from src.train_utils import barrier, dist_info, local_device
+from src.transductive import center_normalize, compute_prototypes
 
 STAGE_KEY = "pseudo"
 EMBED_BATCH = 1024  # images per forward pass when embedding (memory only)
@@ -173,7 +174,7 @@ def train_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int, emb
     io.save_tensors(rdir / "classifier.safetensors", ema.head.state_dict(),
                     metadata={"kind": cfg.pseudo.classifier, "temperature": str(cfg.pseudo.classifier_temperature)})
     io.write_json(rdir / "train.json", {"train_images": int(len(rows)), "log": log})
-    channels_last = cfg.run.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.run.channels_last, device, ema.encoder)
     return embed(ema.encoder, data.images, device, EMBED_BATCH, cfg.run.precision, channels_last=channels_last,
                  progress=cfg.run.progress)
 
