@@ -38,6 +38,7 @@ class RunCfg:
     precision: str = "bf16"  # bf16 (autocast on CUDA only) | fp32
     channels_last: bool = True  # NHWC memory format (CUDA and CPU: oneDNN convolutions measured 1.2-1.5x faster on 2 Zen 3 cores)
     compile: bool = False  # torch.compile the encoder (pays off on long GPU runs)
+    compile_stages: list[str] = field(default_factory=list)  # with compile: only these stages (e.g. [ssl]); empty: all
     num_workers: int = 0  # CPU data-loader workers for the per-image augmentation path
     progress: bool = True  # tqdm progress bars
 
@@ -288,6 +289,21 @@ class MetaCfg:
 
 
 @dataclass
+class BenchCfg:
+    """`pipelines/bench.py pipeline`: the recipe's time and memory budget, checked against the measurement.
+    No stage reads this section (changing it reruns nothing)."""
+    stage_budget_s: dict[str, float] = field(default_factory=dict)  # stage key (ssl, pseudo, ...) -> seconds, wall
+    budget_s: float = 0.0  # whole pipeline, wall seconds; 0: no budget
+    max_gpu_memory_gb: float = 0.0  # peak torch.cuda.max_memory_allocated of any stage (GB = 1e9 B); 0: no cap
+    roof_size: int = 0  # n of the n x n matmul that measures the roof; 0: 4096 (CPU, fp32) / 8192 (CUDA, bf16)
+    # >0: time this many SSL steps (bench.py ssl, beside 00_prepare) and set ssl.epochs to what fits
+    # stage_budget_s.ssl at the measured speed, at most ssl_max_epochs; 0: keep ssl.epochs
+    ssl_probe_steps: int = 0
+    ssl_max_epochs: int = 0  # 0: ssl.epochs (the fit only shortens)
+    ssl_overhead_s: float = 20.0  # seconds of 01_ssl that are not training steps (start-up, probes, embeddings)
+
+
+@dataclass
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
     data: DataCfg = field(default_factory=DataCfg)
@@ -299,6 +315,7 @@ class Config:
     cv: CVCfg = field(default_factory=CVCfg)
     ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
     meta: MetaCfg = field(default_factory=MetaCfg)
+    bench: BenchCfg = field(default_factory=BenchCfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -415,6 +432,30 @@ def validate(cfg: Config) -> None:
     validate_heads(cfg.heads)
     if cfg.data.image_size <= 0:
         raise UserError(f"data.image_size: must be positive, got {cfg.data.image_size}")
+    from src.paths import STAGE_DIRS  # late: src.paths imports this module
+
+    for name in cfg.run.compile_stages:
+        if name not in STAGE_DIRS:
+            raise UserError(f"run.compile_stages: unknown stage '{name}' (known: {', '.join(STAGE_DIRS)})")
+    for name, seconds in cfg.bench.stage_budget_s.items():
+        if name not in STAGE_DIRS:
+            raise UserError(f"bench.stage_budget_s: unknown stage '{name}' (known: {', '.join(STAGE_DIRS)})")
+        if not seconds > 0:
+            raise UserError(f"bench.stage_budget_s.{name}: must be positive, got {seconds}")
+    for key in ("budget_s", "max_gpu_memory_gb", "roof_size", "ssl_probe_steps", "ssl_max_epochs", "ssl_overhead_s"):
+        if getattr(cfg.bench, key) < 0:
+            raise UserError(f"bench.{key}: must be >= 0, got {getattr(cfg.bench, key)}")
+    if cfg.bench.ssl_probe_steps and not cfg.bench.stage_budget_s.get("ssl"):
+        raise UserError("bench.ssl_probe_steps: needs bench.stage_budget_s.ssl (the seconds to fit the epochs into)")
+
+
+def for_stage(cfg: Config, stage_key: str) -> Config:
+    """The config a stage runs with: run.compile applies only to the stages in run.compile_stages
+    when that list is set (compile time pays only on long training loops)."""
+    if not cfg.run.compile_stages:
+        return cfg
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, compile=cfg.run.compile
+                                                                and stage_key in cfg.run.compile_stages))
 
 
 def validate_heads(h: HeadsCfg) -> None:

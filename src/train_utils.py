@@ -387,7 +387,9 @@ def run_stage_distributed(stage, cfg, force: bool = False, lr_find: bool = False
         if not force and is_done(stage, cfg, RunPaths(cfg)):
             return {}
         seed_everything(cfg.run.seed)
-        return stage.run(cfg, RunPaths(cfg)) or {}
+        from src.config import for_stage
+
+        return stage.run(for_stage(cfg, stage.key), RunPaths(cfg)) or {}
     finally:
         dist.destroy_process_group()
 
