@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -68,6 +69,8 @@ def validate(cfg: Config) -> None:
     if s.warmup_epochs < 0 or s.n_local_crops < 0 or s.max_steps_per_epoch < 0:
         raise UserError("ssl.warmup_epochs, ssl.n_local_crops, ssl.max_steps_per_epoch: must be >= 0")
     augment_path(cfg, torch.device("cpu"))
+    if cfg.backbone.pretrained and not Path(cfg.backbone.pretrained).is_file():
+        raise UserError(f"{cfg.backbone.pretrained}: backbone.pretrained weights not found")
 
 
 class Eager(nn.Module):
@@ -89,7 +92,7 @@ class SSLRun:
     def __init__(self, cfg: Config, n_images: int, device: torch.device):
         info = dist_info()
         self.cfg, self.device = cfg, device
-        self.model = SSLModel(Encoder(cfg.backbone, cfg.data.image_size), cfg.ssl).to(device)
+        self.model = SSLModel(Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size), cfg.ssl).to(device)
         self.channels_last = cfg.run.channels_last and device.type == "cuda"
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
