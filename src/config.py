@@ -47,9 +47,12 @@ class RunCfg:
 class DataCfg:
     path: str = "input/digits"  # competition folder (train/ val/ test/ + CSVs)
     archive: str = ""  # optional .tar.xz/.tar.gz/.zip extracted into `path` when `path` is missing
-    builder: str = ""  # "digits": build the embedded demo competition into `path` when missing
+    builder: str = ""  # digits | digits_names (class-name labels, ids with extension): build the demo into `path` when missing
     truth: str = ""  # optional image_id,label CSV of test labels: scoring and reports only
     image_size: int = 32
+    # >0: the encoder resizes every image to this side (bilinear) before the network, e.g. 224 for
+    # ImageNet-pretrained timm weights; costs (model_input_size / image_size)^2 times the FLOPs. 0: off
+    model_input_size: int = 0
     skip_corrupt: bool = False  # skip (and count) undecodable images instead of failing
     demo_test_size: int = 500  # digits builder: number of test images
 
@@ -58,10 +61,26 @@ class DataCfg:
 class BackboneCfg:
     name: str = "resnet18"  # any timm model name
     small_stem: bool = True  # 3x3 stride-1 first conv, no max-pool: for 32x32 inputs
-    pretrained: str = ""  # local weights file (.safetensors / .pth); never downloads
-    allow_download: bool = False  # let timm fetch pretrained weights (user must ask)
+    pretrained: str = ""  # local weights file (.safetensors / weights-only .pth) for this timm model; never downloads
+    allow_download: bool = False  # true: timm fetches the model's pretrained weights from its hub (only when asked)
     width: int = 0  # >0: override timm's base width where supported (tiny CPU models)
     stem_width: int = 0  # >0: ResNet stem channels (timm default 64; dominates the cost of narrow CPU models)
+
+
+@dataclass
+class DedupCfg:
+    # Near-duplicate search (EDA; nothing is removed): perceptual hashes of the cached images in
+    # 00_prepare, embedding cosine in 05_heads; pairs and groups within and across splits.
+    hash: bool = True  # 00_prepare: dHash + pHash search (faiss binary index)
+    # a hash pair: dHash and pHash each differ in at most this many of 64 bits. On the real data
+    # (60k CIFAR images) sampled pairs up to 8 bits all looked like re-edited copies; 6 finds
+    # 96% of JPEG q60 re-saves and 97% of +30 brightness copies there
+    hash_distance: int = 6
+    embedding: bool = True  # 05_heads: search the heads' embeddings too
+    embedding_cosine: float = 0.95  # an embedding pair: cosine >= this
+    neighbors: int = 10  # candidates per image in each search
+    report_pairs: int = 24  # most similar (not pixel-identical) pairs drawn in the run report
+    test_support: bool = False  # 05_heads: a labeled image's near-duplicate test images join its class's support
 
 
 @dataclass
@@ -308,6 +327,7 @@ class Config:
     run: RunCfg = field(default_factory=RunCfg)
     data: DataCfg = field(default_factory=DataCfg)
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
+    dedup: DedupCfg = field(default_factory=DedupCfg)
     ssl: SSLCfg = field(default_factory=SSLCfg)
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)
     metric: MetricCfg = field(default_factory=MetricCfg)
@@ -432,6 +452,14 @@ def validate(cfg: Config) -> None:
     validate_heads(cfg.heads)
     if cfg.data.image_size <= 0:
         raise UserError(f"data.image_size: must be positive, got {cfg.data.image_size}")
+    if cfg.dedup.hash_distance < 0 or cfg.dedup.hash_distance > 64:
+        raise UserError(f"dedup.hash_distance: must be in [0, 64], got {cfg.dedup.hash_distance}")
+    if not -1.0 <= cfg.dedup.embedding_cosine <= 1.0:
+        raise UserError(f"dedup.embedding_cosine: must be in [-1, 1], got {cfg.dedup.embedding_cosine}")
+    if cfg.dedup.neighbors < 1 or cfg.dedup.report_pairs < 0:
+        raise UserError("dedup.neighbors: must be >= 1 and dedup.report_pairs >= 0")
+    if cfg.data.model_input_size < 0:
+        raise UserError(f"data.model_input_size: must be >= 0 (0: off), got {cfg.data.model_input_size}")
     from src.paths import STAGE_DIRS  # late: src.paths imports this module
 
     for name in cfg.run.compile_stages:

@@ -103,7 +103,7 @@ def _ssl_model(cfg: Config, device: str | torch.device = "meta"):
     from src.ssl.objectives import SSLModel
 
     with torch.device(device):  # meta: parameters have shapes but no storage; init is free
-        return SSLModel(Encoder(cfg.backbone, cfg.data.image_size), cfg.ssl)
+        return SSLModel(Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size), cfg.ssl)
 
 
 def ssl_step_costs(cfg: Config, batch: int = 0) -> dict:
@@ -143,7 +143,7 @@ def _classifier_step_peak(cfg: Config, n_images: int, n_classes: int = 10) -> tu
     from src.models.encoder import Encoder
 
     with torch.device("meta"):
-        encoder = Encoder(cfg.backbone, cfg.data.image_size)
+        encoder = Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size)
         head = nn.Linear(encoder.dim, n_classes)
     memory = LiveMemory()
     size = cfg.data.image_size
@@ -159,7 +159,7 @@ def _embed_peak(cfg: Config, batch: int) -> int:
     from src.models.encoder import Encoder
 
     with torch.device("meta"):
-        encoder = Encoder(cfg.backbone, cfg.data.image_size).eval()
+        encoder = Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size).eval()
     memory = LiveMemory()
     size = cfg.data.image_size
     with memory, torch.no_grad():

@@ -89,13 +89,15 @@ def knn_kfold_accuracy(feats, labels, k: int = 20, folds: int = 5, seed: int = 0
 
 
 def truth_rows(data: CompetitionData, truth: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of data.index listed in the truth CSV and their labels. Raises UserError on unknown ids."""
+    """Rows of data.index listed in the truth CSV and their class ids. Raises UserError on unknown
+    ids and on labels that are not one of the classes."""
     frame = read_id_label_csv(Path(truth))
     row_of = {image_id: r for r, image_id in enumerate(data.index["image_id"].tolist())}
     missing = [i for i in frame["image_id"] if i not in row_of]
     if missing:
         raise UserError(f"{truth}: image_id '{missing[0]}' is not in the prepared data ({len(missing)} unknown)")
-    return np.array([row_of[i] for i in frame["image_id"]], dtype=np.int64), frame["label"].to_numpy(np.int64)
+    return (np.array([row_of[i] for i in frame["image_id"]], dtype=np.int64),
+            data.encode(frame["label"].tolist(), str(truth)))
 
 
 def probe_rows(data: CompetitionData, truth: str = "") -> np.ndarray:

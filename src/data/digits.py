@@ -4,6 +4,10 @@
 layout as the real competition: 2 labeled training images and 1 validation image per class,
 `n_test` test images (stratified), the rest unlabeled training images. The test labels go to a
 truth file outside the competition folder, used for scoring only. Needs no network.
+
+With ``names=True`` (``data.builder: digits_names``) the CSVs look like a typical Kaggle
+competition instead: labels are class names ("zero" ... "nine") and ids are listed with their file
+extension (``train_00042.png``), in the label files, the sample submission and the truth file.
 """
 from __future__ import annotations
 
@@ -17,8 +21,11 @@ import pandas as pd
 from src import io
 
 
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
 def build_digits(folder: str | Path, truth_path: str | Path, n_test: int = 500, seed: int = 0,
-                 size: int = 32) -> Path:
+                 size: int = 32, names: bool = False) -> Path:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -48,22 +55,27 @@ def build_digits(folder: str | Path, truth_path: str | Path, n_test: int = 500, 
         img = np.clip(img, 0, 255).astype(np.uint8)
         cv2.imwrite(str(tmp / split / f"{image_id}.png"), np.repeat(img[:, :, None], 3, axis=2))
 
+    ext = ".png" if names else ""  # how the CSVs list ids
+
+    def label(k: int):
+        return NAMES[int(y[k])] if names else int(y[k])
+
     labeled_set = set(labeled)
     train_rows, val_rows, test_rows = [], [], []
     for n, k in enumerate(train):
         write("train", f"train_{n:05d}", int(k))
         if int(k) in labeled_set:
-            train_rows.append((f"train_{n:05d}", int(y[k])))
+            train_rows.append((f"train_{n:05d}{ext}", label(k)))
     for n, k in enumerate(rng.permutation(val)):
         write("val", f"val_{n}", int(k))
-        val_rows.append((f"val_{n}", int(y[k])))
+        val_rows.append((f"val_{n}{ext}", label(k)))
     for n, k in enumerate(test):
         write("test", f"test_{n:05d}", int(k))
-        test_rows.append((f"test_{n:05d}", int(y[k])))
+        test_rows.append((f"test_{n:05d}{ext}", label(k)))
     cols = ["image_id", "label"]
     pd.DataFrame(train_rows, columns=cols).to_csv(tmp / "train_labels.csv", index=False)
     pd.DataFrame(val_rows, columns=cols).to_csv(tmp / "val_labels.csv", index=False)
-    pd.DataFrame([(i, 0) for i, _ in test_rows], columns=cols).to_csv(tmp / "sample_submission.csv", index=False)
+    pd.DataFrame([(i, NAMES[0] if names else 0) for i, _ in test_rows], columns=cols).to_csv(tmp / "sample_submission.csv", index=False)
     io.write_csv(truth_path, pd.DataFrame(test_rows, columns=cols))
     if folder.exists():
         shutil.rmtree(folder)

@@ -28,7 +28,6 @@ import json
 import time
 
 import numpy as np
-import pandas as pd
 import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from src import io
 from src.augment import strong_augment, weak_augment
 from src.config import Config, MetricCfg
+from src.data.competition import read_label_table
 from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
 from src.models.encoder import embed, load_encoder, save_encoder, to_input
@@ -256,12 +256,11 @@ def training_rows(cfg: Config, paths: RunPaths, data: CompetitionData, source: s
     """Labeled rows + selected pseudo-labeled rows (confidence >= metric.min_confidence): (rows, class ids)."""
     rows, y = [data.labeled_idx], [data.class_ids[data.labeled_idx]]
     if source == "pseudo" and paths.pseudo_labels().exists():
-        table = pd.read_csv(paths.pseudo_labels(), dtype={"image_id": str})
+        table = read_label_table(paths.pseudo_labels())
         table = table[table["selected"].astype(bool) & (table["confidence"] >= cfg.metric.min_confidence)]
         row_of = {image_id: i for i, image_id in enumerate(data.index["image_id"].tolist())}
-        class_of = {c: i for i, c in enumerate(data.classes.tolist())}
         rows.append(np.array([row_of[i] for i in table["image_id"]], np.int64))
-        y.append(np.array([class_of[int(c)] for c in table["label"]], np.int64))
+        y.append(data.encode(table["label"].tolist(), str(paths.pseudo_labels())))
     return np.concatenate(rows), np.concatenate(y)
 
 
@@ -379,7 +378,7 @@ def finish(cfg: Config, paths: RunPaths, data: CompetitionData, encoder: nn.Modu
             from src.probe import truth_rows
 
             t_rows, t_labels = truth_rows(data, cfg.data.truth)
-            pred = data.classes[arcface_logits(emb[t_rows], paths.arcface).argmax(1)]
+            pred = arcface_logits(emb[t_rows], paths.arcface).argmax(1)  # class ids
             summary["arcface_truth"] = round(float((pred == t_labels).mean()), 4)
     print("metric: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("parts",)))
     return summary

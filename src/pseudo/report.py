@@ -128,5 +128,5 @@ def embedding_scores(data, emb: np.ndarray, truth: str = "", seed: int = 0) -> d
     if truth:
         rows, labels = truth_rows(data, truth)
         protos = compute_prototypes(emb[data.labeled_idx], data.class_ids[data.labeled_idx], data.n_classes)
-        out["protonet_truth"] = float((data.classes[(emb[rows] @ protos.T).argmax(1)] == labels).mean())
+        out["protonet_truth"] = float(((emb[rows] @ protos.T).argmax(1) == labels).mean())  # class ids
     return {k: round(v, 4) for k, v in out.items()}

@@ -178,7 +178,7 @@ class LightlySide:
     def __init__(self, cfg: Config, images: np.ndarray, device: torch.device, base_lr: float):
         L = _lightly()
         self.cfg, self.device = cfg, device
-        self.model = LightlySimCLR(Encoder(cfg.backbone, cfg.data.image_size), cfg.ssl.proj_hidden,
+        self.model = LightlySimCLR(Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size), cfg.ssl.proj_hidden,
                                    cfg.ssl.proj_dim).to(device)
         self.channels_last = use_channels_last(cfg.run.channels_last, device, self.model.backbone)  # as ours
         if self.channels_last:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,6 +72,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"ssl.view_size: must be in 0..data.image_size ({cfg.data.image_size}; 0: image size), "
                         f"got {s.view_size}")
     augment_path(cfg, torch.device("cpu"))
+    if cfg.backbone.pretrained and not Path(cfg.backbone.pretrained).is_file():
+        raise UserError(f"{cfg.backbone.pretrained}: backbone.pretrained weights not found")
 
 
 class Eager(nn.Module):
@@ -92,7 +95,7 @@ class SSLRun:
     def __init__(self, cfg: Config, n_images: int, device: torch.device):
         info = dist_info()
         self.cfg, self.device = cfg, device
-        self.model = SSLModel(Encoder(cfg.backbone, cfg.data.image_size), cfg.ssl).to(device)
+        self.model = SSLModel(Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size), cfg.ssl).to(device)
         self.channels_last = use_channels_last(cfg.run.channels_last, device, self.model.encoder)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)

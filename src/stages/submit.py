@@ -219,7 +219,7 @@ def report_for_run(cfg: Config, paths: RunPaths, data: CompetitionData, rows: di
              f"[{ens['interval'][0]:.2f}, {ens['interval'][1]:.2f}]"
              + ("" if ens["test_accuracy"] is None else f", truth accuracy {ens['test_accuracy']:.4f}")]
     return render_report(paths, f"Run report: {cfg.run.name}", rows, data.classes.tolist(), emb, tsne_rows,
-                         colours, labeled_mask, confusion, lines, cfg.run.seed)
+                         colours, labeled_mask, confusion, lines, cfg.run.seed, cfg.dedup.report_pairs)
 
 
 def print_table(rows: dict[str, dict], truth_name: str) -> None:
@@ -237,5 +237,5 @@ def print_table(rows: dict[str, dict], truth_name: str) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-STAGE = Stage(key="submit", title="ensemble, submissions and run report", sections=("data", "ensemble"), run=run,
+STAGE = Stage(key="submit", title="ensemble, submissions and run report", sections=("data", "ensemble", "dedup"), run=run,
               after=("heads",), optional_after=("meta",))
