@@ -103,6 +103,17 @@ class SSLCfg:
     lr_find_steps: int = 100  # --lr-find: steps of the exponential LR sweep
     lr_find_min: float = 1e-4
     lr_find_max: float = 10.0
+    # SwAV (Caron et al. 2020): online prototypes, Sinkhorn-Knopp codes, swapped prediction
+    swav_prototypes: int = 3000  # K
+    swav_temperature: float = 0.1  # softmax temperature of the predicted codes
+    swav_epsilon: float = 0.05  # entropy regularisation of the Sinkhorn codes (smaller: sharper)
+    swav_sinkhorn_iters: int = 3
+    swav_queue_length: int = 0  # >0: past projections per global view join the Sinkhorn batch (small batches); 0: off
+    swav_freeze_prototypes_steps: int = 0  # the prototypes get no gradient for the first steps (the paper: ~1 epoch)
+    # DeepCluster-v2 (Caron et al. 2020): k-means of a memory bank of projections each epoch, targets = assignments
+    deepcluster_prototypes: list[int] = field(default_factory=lambda: [3000, 3000, 3000])  # k of each k-means head
+    deepcluster_temperature: float = 0.1
+    deepcluster_kmeans_iters: int = 10
 
 
 @dataclass
