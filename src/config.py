@@ -260,6 +260,11 @@ class MetaCfg:
     n_way: int = 5
     n_shot: int = 1
     n_query: int = 5
+    # Task augmentation of the MAML family's and protonet_episodic's training episodes: none | rot90 (each
+    # class x 4 quarter-turn rotations, each rotation a class of its own) | image (per-episode flip + shift of
+    # every image) | rot90+image
+    task_augment: str = "none"
+    task_augment_flip: bool = True  # image: random horizontal flips (off for mirror-sensitive images: digits)
     episodes: int = 200  # meta-iterations (optimiser steps), each over meta_batch episodes
     meta_batch: int = 4
     outer_lr: float = 1e-3  # Adam, every method's meta-parameters
