@@ -9,7 +9,9 @@ so every row adapts to the same 30 labels. Transductive heads with a context (sr
 see every image's embedding, as in 05_heads. One table: local CV (leave-one-out accuracy over the
 labeled images, Wilson 95% interval), public-truth test accuracy when data.truth is set (scoring
 only), wall time and peak memory of each. Written to <run>/compare.md and <run>/compare.json.
-Stage outputs are not touched: this command trains its own copies (no checkpoints).
+Stage outputs are not touched: this command trains its own copies (no checkpoints). With
+meta.task_augment set, the files are compare_<mode>.md/.json (e.g. compare_rot90_image.md), so runs
+with and without task augmentation sit side by side.
 """
 import time
 
@@ -86,17 +88,20 @@ def main(cfg, methods=None, heads=None):
     truth = inp.truth is not None
     text = format_table(rows, truth)
     print(text)
+    augment = cfg.meta.task_augment
     header = (f"Comparison on run '{cfg.run.name}': encoder {inp.source} "
               f"({'last block meta-trained' if cfg.meta.train_block else 'frozen embeddings'}), "
-              f"meta pool {inp.pool.kind} ({len(inp.pool)} images), device {inp.device}, "
+              f"meta pool {inp.pool.kind} ({len(inp.pool)} images), task augmentation {augment} "
+              f"(methods: {', '.join(n for n in methods if inp.augmented(n)) or 'none'}), device {inp.device}, "
               f"{time.strftime('%Y-%m-%d')}. LOO over {len(inp.labeled)} labeled images, Wilson 95% interval"
               + (f"; test accuracy from {cfg.data.truth} (scoring only)." if truth else "."))
-    io.write_text(paths.run / "compare.md", header + "\n\n" + format_table(rows, truth, markdown=True) + "\n")
-    io.write_json(paths.run / "compare.json", {"run": cfg.run.name, "encoder": inp.source, "pool": inp.pool.kind,
-                                               "pool_images": len(inp.pool), "device": str(inp.device),
-                                               "machine": machine_info(inp.device), "truth": cfg.data.truth,
-                                               "trunk_seconds": round(inp.trunk_seconds, 2), "rows": rows})
-    print(f"written: {paths.run / 'compare.md'} and compare.json")
+    stem = paths.run / ("compare" if augment == "none" else f"compare_{augment.replace('+', '_')}")
+    io.write_text(stem.with_suffix(".md"), header + "\n\n" + format_table(rows, truth, markdown=True) + "\n")
+    io.write_json(stem.with_suffix(".json"), {
+        "run": cfg.run.name, "encoder": inp.source, "pool": inp.pool.kind, "pool_images": len(inp.pool),
+        "task_augment": augment, "device": str(inp.device), "machine": machine_info(inp.device),
+        "truth": cfg.data.truth, "trunk_seconds": round(inp.trunk_seconds, 2), "rows": rows})
+    print(f"written: {stem.with_suffix('.md')} and {stem.with_suffix('.json').name}")
     return rows
 
 

@@ -124,6 +124,17 @@ class SSLCfg:
     lr_find_steps: int = 100  # --lr-find: steps of the exponential LR sweep
     lr_find_min: float = 1e-4
     lr_find_max: float = 10.0
+    # SwAV (Caron et al. 2020): online prototypes, Sinkhorn-Knopp codes, swapped prediction
+    swav_prototypes: int = 3000  # K
+    swav_temperature: float = 0.1  # softmax temperature of the predicted codes
+    swav_epsilon: float = 0.05  # entropy regularisation of the Sinkhorn codes (smaller: sharper)
+    swav_sinkhorn_iters: int = 3
+    swav_queue_length: int = 0  # >0: past projections per global view join the Sinkhorn batch (small batches); 0: off
+    swav_freeze_prototypes_steps: int = 0  # the prototypes get no gradient for the first steps (the paper: ~1 epoch)
+    # DeepCluster-v2 (Caron et al. 2020): k-means of a memory bank of projections each epoch, targets = assignments
+    deepcluster_prototypes: list[int] = field(default_factory=lambda: [3000, 3000, 3000])  # k of each k-means head
+    deepcluster_temperature: float = 0.1
+    deepcluster_kmeans_iters: int = 10
 
 
 @dataclass
@@ -290,6 +301,11 @@ class MetaCfg:
     n_way: int = 5
     n_shot: int = 1
     n_query: int = 5
+    # Task augmentation of the MAML family's and protonet_episodic's training episodes: none | rot90 (each
+    # class x 4 quarter-turn rotations, each rotation a class of its own) | image (per-episode flip + shift of
+    # every image) | rot90+image
+    task_augment: str = "none"
+    task_augment_flip: bool = True  # image: random horizontal flips (off for mirror-sensitive images: digits)
     episodes: int = 200  # meta-iterations (optimiser steps), each over meta_batch episodes
     meta_batch: int = 4
     outer_lr: float = 1e-3  # Adam, every method's meta-parameters

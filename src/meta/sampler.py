@@ -59,6 +59,7 @@ class Episode:
     query_rows: np.ndarray  # (N*Q,)
     query_y: np.ndarray  # (N*Q,)
     classes: np.ndarray  # (N,) pool classes behind the episode labels
+    augment_seed: int | None = None  # seed of the episode's image augmentation (src.meta.task_augment)
 
 
 class EpisodeSampler:

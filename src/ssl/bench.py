@@ -103,11 +103,12 @@ def bench_ssl(cfg: Config, args: argparse.Namespace) -> dict:
     step = iter(range(10**9))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    run.model.on_epoch_start(0, images)  # deepcluster: memory bank + k-means (not timed)
     run.net.train()
 
     def train_step():
         v, lv = next(stream)
-        loss, _ = run.step(v, lv, min(next(step), len(run.lrs) - 1))
+        loss, _ = run.step(v, lv, min(next(step), len(run.lrs) - 1), src.rows)
         return loss
 
     seconds = _timed(device, train_step, args.warmup, args.steps)

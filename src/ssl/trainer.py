@@ -45,7 +45,7 @@ def validate(cfg: Config) -> None:
     if not s.objectives:
         raise UserError("ssl.objectives: name at least one objective, e.g. {simclr: 1.0}")
     for name, weight in s.objectives.items():
-        OBJECTIVES.get(name)
+        OBJECTIVES.get(name).check_config(s)
         if weight <= 0:
             raise UserError(f"ssl.objectives.{name}: weight must be positive, got {weight}")
     for key in ("epochs", "batch_size", "proj_dim", "proj_hidden", "dino_out_dim", "embed_batch_size",
@@ -120,11 +120,12 @@ class SSLRun:
     def encoder(self) -> nn.Module:
         return self.model.encoder
 
-    def step(self, views, local_views, global_step: int) -> tuple[torch.Tensor, dict]:
-        """One optimisation step; returns detached device tensors (no host sync)."""
+    def step(self, views, local_views, global_step: int, rows=None) -> tuple[torch.Tensor, dict]:
+        """One optimisation step; returns detached device tensors (no host sync). rows: the batch's
+        (B,) image rows, for objectives that need them (deepcluster)."""
         set_lr(self.optimizer, float(self.lrs[global_step]))
         with autocast(self.device, self.cfg.run.precision):
-            loss, parts = self.net(views, local_views)
+            loss, parts = self.net(views, local_views, rows)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -185,6 +186,7 @@ def train(cfg: Config, paths: RunPaths) -> dict:
     n_views = 2 + (s.n_local_crops if run.model.uses_local else 0)
     last: dict = {}
     for epoch in range(start, s.epochs):
+        run.model.on_epoch_start(epoch, data.images)  # e.g. DeepCluster-v2's k-means
         run.net.train()
         loss_sum = torch.zeros((), device=device)
         part_sums = {k: torch.zeros((), device=device) for k in run.model.objectives}
@@ -194,7 +196,7 @@ def train(cfg: Config, paths: RunPaths) -> dict:
         sync(device)
         t0 = time.perf_counter()
         for i, (v, lv) in enumerate(views.epoch(epoch, run.steps)):
-            loss, parts = run.step(v, lv, epoch * run.steps + i)
+            loss, parts = run.step(v, lv, epoch * run.steps + i, views.rows)
             loss_sum += loss
             for k, p in parts.items():
                 part_sums[k] += p
@@ -264,13 +266,14 @@ def lr_find(cfg: Config, paths: RunPaths) -> dict:
     def step() -> torch.Tensor:
         v, lv = next(stream)
         with autocast(device, cfg.run.precision):
-            loss, _ = run.net(v, lv)
+            loss, _ = run.net(v, lv, views.rows)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
         run.model.update_teachers(cfg.ssl.ema)
         return loss
 
+    run.model.on_epoch_start(0, data.images)
     run.net.train()
     result = lr_range_test(step, run.optimizer, cfg.ssl.lr_find_min, cfg.ssl.lr_find_max, cfg.ssl.lr_find_steps)
     result["suggested_ssl_lr"] = result["suggested_lr"] * 256 / cfg.ssl.batch_size

@@ -40,6 +40,8 @@ def _aug_kwargs(cfg: Config, scale) -> dict:
 
 
 class DeviceViews:
+    rows: torch.Tensor | None = None  # (B,) image rows of the batch last yielded (DeepCluster-v2's memory bank)
+
     def __init__(self, cfg: Config, images: np.ndarray, device: torch.device, batch: int, n_local: int,
                  local_px: int, channels_last: bool = False):
         self.cfg, self.device, self.batch, self.n_local = cfg, device, batch, n_local
@@ -56,12 +58,15 @@ class DeviceViews:
         g = torch.Generator(device=self.device).manual_seed(
             (self.cfg.run.seed * 1_000_003 + epoch) * 1024 + info.rank)
         for s in range(steps):
-            x = self.images[rows[s]]  # (B, H, W, 3) uint8, gathered on the device
+            self.rows = rows[s]
+            x = self.images[self.rows]  # (B, H, W, 3) uint8, gathered on the device
             yield ([self.global_aug(x, g) for _ in range(2)],
                    [self.local_aug(x, g) for _ in range(self.n_local)])
 
 
 class LoaderViews:
+    rows = None  # image rows of the batch: unknown on this path
+
     def __init__(self, cfg: Config, images: np.ndarray, device: torch.device, batch: int, n_local: int,
                  local_px: int, channels_last: bool = False):
         self.cfg, self.device, self.n_local = cfg, device, n_local
