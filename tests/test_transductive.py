@@ -118,6 +118,39 @@ def test_propagation_seed_responses_equal_the_closed_form():
     np.testing.assert_allclose(lp.propagate(seeds[1:], labels[1:], 3), want, atol=1e-5)
 
 
+def test_propagation_solves_each_recurring_seed_once_and_fresh_seeds_together(monkeypatch):
+    """Seeds seen before (labeled rows under LOO / re-draws) are solved once each and cached; fresh
+    seeds (an episode's pseudo-labeled support) share one C-column solve; mixed sets still equal the
+    closed form (F is linear in Y)."""
+    import src.transductive.graph as graph
+
+    rng = np.random.default_rng(5)
+    x = l2_normalize(rng.normal(size=(60, 6)))
+    lp = LabelPropagation(*knn_graph(x, 6), alpha=0.9, gamma=3.0)
+    solved = []
+    real_cg = graph.block_cg
+    monkeypatch.setattr(graph, "block_cg", lambda a, b, **kw: solved.append(b.shape[1]) or real_cg(a, b, **kw))
+
+    def closed_form(seeds, labels):
+        y = np.zeros((60, 3))
+        np.add.at(y, (seeds, labels), 1.0 / np.bincount(labels, minlength=3)[labels])
+        return np.clip(np.linalg.solve(lp.a.toarray(), y), 0, None)
+
+    labeled, labeled_y = np.arange(9), np.arange(9) % 3
+    np.testing.assert_allclose(lp.propagate(labeled, labeled_y, 3), closed_form(labeled, labeled_y), atol=1e-5)
+    assert solved == [3]  # first sight: one solve of C columns
+    for out in range(9):  # leave-one-out: each labeled row now recurs -> its own column, once
+        keep = np.delete(labeled, out)
+        np.testing.assert_allclose(lp.propagate(keep, labeled_y[keep], 3), closed_form(keep, labeled_y[keep]),
+                                   atol=1e-5)
+    assert sum(solved[1:]) == 9
+    solved.clear()
+    episode, episode_y = np.array([20, 21, 22, 23, 24, 25]), np.array([0, 0, 1, 1, 2, 2])
+    mixed, mixed_y = np.concatenate([labeled[:3], episode]), np.concatenate([labeled_y[:3], episode_y])
+    np.testing.assert_allclose(lp.propagate(mixed, mixed_y, 3), closed_form(mixed, mixed_y), atol=1e-5)
+    assert solved == [3]  # six fresh seeds: one C-column solve, not six
+
+
 def test_propagation_head_on_a_context_reuses_one_graph(monkeypatch):
     """All rows in one graph, built once for many fits; transductive_set=all needs no query rows."""
     sx, sy, qx, qy = task(seed=4)
