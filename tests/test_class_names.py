@@ -169,3 +169,22 @@ def test_names_end_to_end_match_integer_run(names_comp, tmp_path, capsys):
     code, err = run_script("score.py", str(p_names.submission("ensemble")), str(tmp_path / "truth_ints.csv"),
                            capsys=capsys)
     assert code == 2 and "labels are class names but" in err and "truth_ints.csv has integers" in err
+
+
+def test_builder_refuses_a_folder_or_truth_of_the_other_kind(names_folder, tmp_path):
+    """data.builder builds only into a missing data.path: with demo.yaml's input/digits (integers) already
+    built, data.builder=digits_names must stop, not run on integer labels (or overwrite the truth file)."""
+    from src.data.prepare import ensure_competition_folder
+
+    def cfg(builder, path, truth):
+        return load_config(None, [f"data.builder={builder}", f"data.path={path}", f"data.truth={truth}"])
+
+    truth = names_folder.parent / "truth.csv"
+    assert ensure_competition_folder(cfg("digits_names", names_folder, truth)) == names_folder
+    with pytest.raises(UserError, match=r"train_labels.csv: holds class names as labels, but "
+                                        r"data.builder=digits builds integers .*data.path=input/digits "):
+        ensure_competition_folder(cfg("digits", names_folder, truth))
+    missing = tmp_path / "new"  # a new folder whose truth file belongs to the other kind: nothing is built
+    with pytest.raises(UserError, match=r"truth.csv: holds class names as labels, but data.builder=digits"):
+        ensure_competition_folder(cfg("digits", missing, truth))
+    assert not missing.exists() and not (tmp_path / ".new.building").exists()

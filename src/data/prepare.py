@@ -13,9 +13,28 @@ from src import io
 from src.config import Config
 from src.data import near_duplicates
 from src.data.competition import (LABEL_FILES, DecodeStats, content_hash, decode_image, extract_archive,
-                                  kind_word, label_kind, list_images, parse_label, read_id_label_csv, resolve_ids)
+                                  kind_word, label_kind, list_images, parse_label, read_id_label_csv,
+                                  read_label_table, resolve_ids)
 from src.errors import UserError
 from src.paths import RunPaths
+
+
+def _builder_truth(cfg: Config, folder: Path) -> Path:
+    return Path(cfg.data.truth) if cfg.data.truth else folder.with_name(folder.name + "_truth.csv")
+
+
+def _check_builder_kind(builder: str, folder: Path, truth: Path) -> None:
+    """A builder writes only into a missing data.path, so an existing folder (or truth file) of the other
+    digits builder would silently be used (or overwritten): `data.builder=digits_names` on top of
+    configs/demo.yaml after `make demo` would run on integer labels. Stop with one line instead."""
+    want = "name" if builder == "digits_names" else "int"
+    for path in (folder / "train_labels.csv", truth):
+        if path.is_file():
+            kind = label_kind(read_label_table(path)["label"])
+            if kind != want:
+                raise UserError(f"{path}: holds {kind_word(kind)} as labels, but data.builder={builder} builds "
+                                f"{kind_word(want)} (only into a missing folder); set data.path and data.truth "
+                                f"to new paths, e.g. data.path=input/{builder} data.truth=input/{builder}_truth.csv")
 
 
 def ensure_competition_folder(cfg: Config) -> Path:
@@ -23,6 +42,8 @@ def ensure_competition_folder(cfg: Config) -> Path:
     folder = Path(cfg.data.path)
     if folder.suffix.lower() in (".xz", ".gz", ".zip", ".tgz", ".tar") and folder.is_file():
         raise UserError(f"{folder}: data.path must be a folder; put the archive in data.archive")
+    if cfg.data.builder in ("digits", "digits_names"):
+        _check_builder_kind(cfg.data.builder, folder, _builder_truth(cfg, folder))
     if folder.is_dir():
         return folder
     if cfg.data.archive:
@@ -31,8 +52,7 @@ def ensure_competition_folder(cfg: Config) -> Path:
     if cfg.data.builder in ("digits", "digits_names"):
         from src.data.digits import build_digits
 
-        truth = Path(cfg.data.truth) if cfg.data.truth else folder.with_name(folder.name + "_truth.csv")
-        return build_digits(folder, truth, n_test=cfg.data.demo_test_size, seed=0,
+        return build_digits(folder, _builder_truth(cfg, folder), n_test=cfg.data.demo_test_size, seed=0,
                             names=cfg.data.builder == "digits_names")
     if cfg.data.builder:
         raise UserError(f"data.builder: unknown builder '{cfg.data.builder}' (known: digits, digits_names)")
