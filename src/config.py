@@ -221,8 +221,18 @@ class CVCfg:
 
 @dataclass
 class EnsembleCfg:
-    method: str = "auto"  # auto (best local CV) | mean | weighted | rank | stack
-    members: list[str] = field(default_factory=list)  # empty: every head that ran (and 04_meta methods)
+    # Rule submitted (src/ensemble.py RULES): mean | weighted | rank | stack | best | shrunk | agreement |
+    # transductive | preferred | auto (best local CV among auto_candidates). Chosen on the re-draw evaluation
+    # (pipelines/redraw.py, docs/RESULTS.md).
+    method: str = "auto"
+    members: list[str] = field(default_factory=list)  # empty: every member of the stages in `sources`
+    sources: list[str] = field(default_factory=lambda: ["heads", "meta"])  # heads (05_heads) | meta (04_meta)
+    preferred: list[str] = field(default_factory=lambda: ["propagation", "pseudo_propagation"])  # method=preferred: first present
+    auto_candidates: list[str] = field(default_factory=lambda: ["mean", "weighted", "rank", "stack"])
+    agreement_iters: int = 10  # method=agreement: re-weighting steps against the consensus
+    # "<rule>+propagate": weight of the rule's test probabilities as seeds of one more label-spreading
+    # pass over the kNN graph (labeled images: weight 1); the graph and its settings are 02_pseudo's
+    propagate_weight: float = 0.1
     weight_rounds: int = 20  # greedy ensemble selection with replacement (Caruana et al. 2004)
     stacker_rounds: int = 200
     stacker_lr: float = 0.05

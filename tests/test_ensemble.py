@@ -110,3 +110,163 @@ def test_stacker_learns_which_member_to_trust():
     assert acc > 0.9 and (a.argmax(1) == y).mean() < 0.75 and (b.argmax(1) == y).mean() < 0.75
     predict = fit_stacker(feats, np.zeros(len(y), int), np.ones(len(y)), 4)
     np.testing.assert_array_equal(predict(feats[:3]), np.tile([1, 0, 0, 0], (3, 1)))  # one class: constant
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules (src.ensemble.RULES): shared by 06_submit and the re-draw evaluator
+# ------------------------------------------------------------------------------------------------
+from src.ensemble import (RULES, Members, RuleParams, agreement_weights, apply_rules, nested_choice,  # noqa: E402
+                          shrink_weights)
+
+
+def members_case(seed=0, accs=(0.9, 0.6, 0.3), n_lab=30, n_test=400, c=5, transductive=(True, False, False)):
+    rng = np.random.default_rng(seed)
+    y, truth = np.arange(n_lab) % c, rng.integers(0, c, n_test)
+    oof = [noisy_onehot(rng, y, c, a) for a in accs]
+    probs = [noisy_onehot(rng, truth, c, a) for a in accs]
+    names = [f"m{k}" for k in range(len(accs))]
+    return Members(names, oof, probs, y, list(transductive)), truth
+
+
+def test_agreement_weights_find_the_accurate_members_without_labels():
+    m, truth = members_case(accs=(0.9, 0.85, 0.2, 0.2))
+    w = agreement_weights(m.probs)
+    assert w.sum() == pytest.approx(1.0) and w[0] > w[2] and w[1] > w[3]
+    assert w[2] < 0.1 and w[3] < 0.1  # near-chance members get (almost) nothing
+    # hand case: 3 members on 4 rows, member 2 always disagrees with the other two
+    eye = np.eye(3, dtype=np.float32)
+    a = eye[[0, 1, 2, 0]]
+    b = eye[[0, 1, 2, 0]]
+    c = eye[[1, 2, 0, 1]]
+    w = agreement_weights([a, b, c], iters=5)
+    np.testing.assert_allclose(w, [0.5, 0.5, 0.0], atol=1e-6)
+
+
+def test_shrink_weights_are_uniform_when_the_loo_spread_is_noise():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 30)
+    same = [noisy_onehot(np.random.default_rng(k), y, 5, 0.8) for k in range(3)]
+    accs = [float((o.argmax(1) == y).mean()) for o in same]
+    w, r = shrink_weights(same, y, rounds=20)
+    # spread of a few points against a binomial se of ~7 points: pure noise -> uniform
+    assert np.var(accs) < 0.8 * 0.2 / 30 and r == 0.0 and np.allclose(w, 1 / 3)
+    good, bad = noisy_onehot(rng, y, 5, 1.0), noisy_onehot(rng, y, 5, 0.0)
+    w, r = shrink_weights([bad, good], y, rounds=20)
+    assert r > 0.8 and w[1] > 0.9  # a spread far above the noise: trust the greedy weights
+
+
+def test_nested_choice_never_reads_the_scored_row():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 20)
+    cands = [noisy_onehot(rng, y, 3, a) for a in (0.8, 0.75, 0.4)]
+    base = nested_choice(cands, y)
+    for i in (0, 5, 19):
+        y2 = y.copy()
+        y2[i] = (y[i] + 1) % 3
+        np.testing.assert_array_equal(nested_choice(cands, y2)[i], base[i])
+
+
+def test_rules_hand_values_and_errors():
+    m, _ = members_case()
+    p = RuleParams(preferred=["nope", "m1"], auto_candidates=["mean", "best"])
+    out = apply_rules(["mean", "best", "agreement", "transductive", "preferred", "shrunk", "weighted", "rank", "auto"],
+                      m, p)
+    np.testing.assert_allclose(out["mean"].test, mean_probs(m.probs), atol=1e-6)
+    np.testing.assert_array_equal(out["best"].test, m.probs[0])  # m0 has the best LOO
+    np.testing.assert_array_equal(out["transductive"].test, m.probs[0])  # the only transductive member
+    np.testing.assert_array_equal(out["preferred"].test, m.probs[1])  # first preferred name that is a member
+    assert out["agreement"].weights.argmax() == 0 and out["agreement"].weights.sum() == pytest.approx(1)
+    # auto = the candidate with the best local CV, reusing the candidates' outputs
+    best_cand = "best" if (out["best"].oof.argmax(1) == m.y).mean() > (out["mean"].oof.argmax(1) == m.y).mean() \
+        else "mean"
+    np.testing.assert_array_equal(out["auto"].test, out[best_cand].test)
+    for r in out.values():
+        assert r.oof.shape == m.oof[0].shape and r.test.shape == m.probs[0].shape
+    with pytest.raises(UserError, match="no transductive member"):
+        RULES["transductive"](Members(m.names, m.oof, m.probs, m.y, [False] * 3), p)
+    with pytest.raises(UserError, match="ensemble.preferred: none of nope"):
+        RULES["preferred"](m, RuleParams(preferred=["nope"]))
+    with pytest.raises(UserError, match="no member has stacker features"):
+        RULES["stack"](m, p)
+    with pytest.raises(UserError, match="ensemble.method: unknown rule 'nope'"):
+        apply_rules(["nope"], m, p)
+
+
+def test_rules_read_no_truth():
+    """Rules take Members only: scrambling the test truth cannot change what they output (spy on
+    the arguments: no array a rule receives equals the truth)."""
+    m, truth = members_case(seed=4)
+    p = RuleParams(auto_candidates=["mean", "weighted", "rank"])
+    names = ["mean", "weighted", "rank", "best", "shrunk", "agreement", "transductive", "auto"]
+    first = apply_rules(names, m, p)
+    again = apply_rules(names, m, p)  # deterministic
+    for n in names:
+        np.testing.assert_array_equal(first[n].test, again[n].test)
+    received = [m.y, *m.oof, *m.probs]
+    assert not any(a.shape == truth.shape and (a == truth).all() for a in received)
+
+
+def test_label_spreading_matches_the_propagation_labeler():
+    """One label-spreading code path: seeded one-hot on the labeled rows it reproduces 02_pseudo's
+    propagation labeler on the same graph."""
+    import torch
+
+    from src.config import PseudoCfg
+    from src.neighbors import knn_graph, label_spreading, propagation_matrix
+    from src.pseudo.labelers import LABELERS, LabelingContext, normalize_rows
+
+    rng = np.random.default_rng(0)
+    centres = normalize_rows(rng.normal(size=(3, 8)))
+    y_all = rng.integers(0, 3, 120)
+    x = normalize_rows(centres[y_all] + 0.4 * rng.normal(size=(120, 8)))
+    labeled = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8])
+    labeled = labeled[np.argsort(y_all[labeled], kind="stable")]
+    cfg = PseudoCfg(knn_k=8)
+    ctx = LabelingContext(x, labeled, y_all[labeled], 3, cfg, torch.device("cpu"), 0)
+    want = LABELERS.get("propagation")(ctx)
+    s = propagation_matrix(x, cfg.knn_k, cfg.propagation_gamma)
+    seeds = np.zeros((120, 3))
+    seeds[labeled, y_all[labeled]] = 1.0
+    got = label_spreading(s, seeds, cfg.propagation_alpha, cfg.propagation_iters)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert np.array_equal(knn_graph(x, 8)[1], ctx.graph()[1])
+
+
+def test_propagate_rule_smooths_over_the_graph_and_holds_out_the_scored_image():
+    """Two clusters on a chain graph; one member is wrong on two test images of cluster A: one more
+    propagation pass puts them back with their neighbours. LOO: image i is not among the seeds."""
+    import scipy.sparse as sp
+
+    from src.ensemble import Graph, propagated
+    from src.neighbors import normalized_adjacency
+
+    n = 40  # rows 0..19 cluster A (class 0), 20..39 cluster B (class 1); chains within each cluster
+    edges = [(i, i + 1) for i in range(19)] + [(i, i + 1) for i in range(20, 39)]
+    w = sp.coo_matrix((np.ones(len(edges)), tuple(np.array(edges).T)), shape=(n, n)).tocsr()
+    s = normalized_adjacency((w + w.T).tocsr())
+    labeled = np.array([0, 1, 20, 21])
+    y = np.array([0, 0, 1, 1])
+    test = np.array([5, 6, 7, 8, 25, 26, 27, 28])
+    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.35, 0.65], [0.9, 0.1],
+                      [0.1, 0.9], [0.1, 0.9], [0.2, 0.8], [0.1, 0.9]], np.float32)  # 6 and 7 wrong
+    oof = np.array([[0.8, 0.2], [0.7, 0.3], [0.2, 0.8], [0.3, 0.7]], np.float32)
+    m = Members(["a"], [oof], [probs], y, [True], graph=Graph(s, labeled, test, alpha=0.99, iters=50))
+    base = RULES["mean"](m, RuleParams())
+    out = propagated(base, m, RuleParams(propagate_weight=0.1))
+    assert (base.test.argmax(1) == [0, 1, 1, 0, 1, 1, 1, 1]).all()
+    assert (out.test.argmax(1) == [0, 0, 0, 0, 1, 1, 1, 1]).all()
+    np.testing.assert_allclose(out.test.sum(1), 1, atol=1e-5)
+    # LOO row 0: spread from the other labeled images, row 0 seeded with its own OOF prediction only
+    g = m.graph
+    seeds = np.zeros((n, 2))
+    seeds[labeled[1:], y[1:]] = 1.0
+    seeds[test] += 0.1 * probs
+    seeds[0] += 0.1 * oof[0]
+    from src.neighbors import label_spreading
+
+    np.testing.assert_allclose(out.oof[0], label_spreading(s, seeds, 0.99, 50)[0], atol=1e-6)
+    assert g.spread(y, probs, 0.1, held_out=0)[0].argmax() == 0  # its cluster still carries class 0
+    with pytest.raises(UserError, match=r"ensemble.method: unknown rule 'mean\+smooth'"):
+        apply_rules(["mean+smooth"], m, RuleParams())
+    with pytest.raises(UserError, match="no kNN graph"):
+        apply_rules(["mean+propagate"], Members(["a"], [oof], [probs], y, [True]), RuleParams())

@@ -112,7 +112,7 @@ def test_heads_submit_report_end_to_end(truth_comp, tmp_path, capsys):
 
 def test_final_line_prints_truth_accuracy(truth_comp, tmp_path, capsys):
     cfg, paths, overrides = make_run(truth_comp, tmp_path, pseudo=False,
-                                     extra=["heads.heads=[protonet,knn]", "ensemble.report=false"])
+                                     extra=["heads.heads=[protonet,knn]", "ensemble.report=false", "ensemble.method=auto"])
     run_stage(get_stage("heads"), cfg)
     capsys.readouterr()
     run_stage(get_stage("submit"), cfg)
@@ -120,11 +120,13 @@ def test_final_line_prints_truth_accuracy(truth_comp, tmp_path, capsys):
     final = [line for line in out if "test accuracy" in line][-1]
     summary = io.read_json(paths.done_marker("submit"))["summary"]
     assert final.startswith(f"t test accuracy {summary['test_accuracy']:.4f} (truth file ")
-    # method auto: the combiner with the best local CV (then lower log-loss), never chosen on truth
+    # method auto: the candidate rule with the best local CV (then lower log-loss), never chosen on truth
     rows = io.read_json(paths.stage("submit") / "ensemble.json")["rows"]
-    combiners = {k.split(":")[1]: r for k, r in rows.items() if k.startswith("ensemble:")}
-    best = min(combiners, key=lambda k: (-combiners[k]["accuracy"], combiners[k]["log_loss"]))
-    assert summary["method"] == best and f"(ensemble:{best})" in final
+    cands = [c for c in cfg.ensemble.auto_candidates if f"ensemble:{c}" in rows]
+    best = min(cands, key=lambda k: (-rows[f"ensemble:{k}"]["accuracy"], rows[f"ensemble:{k}"]["log_loss"], cands.index(k)))
+    assert summary["method"] == "auto" and "(ensemble:auto)" in final
+    assert rows["ensemble:auto"]["test_accuracy"] == rows[f"ensemble:{best}"]["test_accuracy"]
+    assert f": {best} (" in io.read_json(paths.stage("submit") / "ensemble.json")["note"]
     # truth only scores: scrambled truth labels change the printed accuracy, not the submission
     before = paths.submission("ensemble").read_text(), io.read_json(paths.submission("ensemble").with_suffix(".json"))
     truth_file = truth_comp.parent / "truth.csv"
