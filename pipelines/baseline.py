@@ -10,11 +10,12 @@ from src.config import load_config
 
 
 def main(cfg) -> dict:
-    import pandas as pd
+    from pathlib import Path
 
     from src import io
     from src.baselines import label_spreading_pixels
     from src.data import load_data
+    from src.data.competition import read_id_label_csv
     from src.errors import UserError
     from src.paths import RunPaths
     from src.submission import score
@@ -23,7 +24,7 @@ def main(cfg) -> dict:
         raise UserError("data.truth: the baseline comparison needs a truth file")
     paths = RunPaths(cfg)
     data = load_data(paths)
-    truth = pd.read_csv(cfg.data.truth, dtype={"image_id": str})
+    truth = read_id_label_csv(Path(cfg.data.truth))  # labels parsed like the submission's (ints or names)
     true = dict(zip(truth["image_id"], truth["label"]))
     ids = data.test_ids
     rows = {}

@@ -5,10 +5,13 @@
 Meta methods (src/meta) start from the encoder the meta stage would use (meta.encoder, default the
 latest of metric > pseudo > ssl). Heads (src/heads) run on that same stage's embeddings with the 30
 labeled images as their support: 05_heads may add pseudo-labeled support rows, this table does not,
-so every row adapts to the same 30 labels. One table: local CV (leave-one-out accuracy over the
+so every row adapts to the same 30 labels. Transductive heads with a context (src/heads/transductive.py)
+see every image's embedding, as in 05_heads. One table: local CV (leave-one-out accuracy over the
 labeled images, Wilson 95% interval), public-truth test accuracy when data.truth is set (scoring
 only), wall time and peak memory of each. Written to <run>/compare.md and <run>/compare.json.
-Stage outputs are not touched: this command trains its own copies (no checkpoints).
+Stage outputs are not touched: this command trains its own copies (no checkpoints). With
+meta.task_augment set, the files are compare_<mode>.md/.json (e.g. compare_rot90_image.md), so runs
+with and without task augmentation sit side by side.
 """
 import time
 
@@ -27,27 +30,34 @@ from src.runtime import cpu_threads
 from src.paths import RunPaths
 from src.runtime import machine_info
 from src.stages.meta import format_table, prepare_inputs, run_method
+from src.transductive import TransductiveContext
 
 
 def run_head(name, cfg, x, inp):
     """One head on the labeled support (no pseudo-labeled support rows, unlike 05_heads): leave-one-out
-    and test probabilities. Transductive heads see the test images (and the held-out one) as queries."""
+    and test probabilities. Transductive heads see the test images (and the held-out one) as queries;
+    heads with a context get every image's embedding (built per head, so its seconds include the graph)."""
     from src.stages.heads import make_head
 
     labeled, y, test = inp.labeled, inp.labeled_y, inp.test
+    context = TransductiveContext(x, inp.device)
+
+    def new_head():
+        head = make_head(name, cfg, None, inp.device, context)
+        return head, ((lambda rows: rows) if head.takes_rows else (lambda rows: x[rows]))
 
     def fit_predict(train, held):
-        head = make_head(name, cfg, None, inp.device)
-        query = x[np.concatenate([test, labeled[held]])] if head.transductive else None
-        head.fit(x[labeled[train]], y[train], inp.n_classes, query_x=query)
-        return head.predict_proba(x[labeled[held]])
+        head, inputs = new_head()
+        query = inputs(np.concatenate([test, labeled[held]])) if head.transductive else None
+        head.fit(inputs(labeled[train]), y[train], inp.n_classes, query_x=query)
+        return head.predict_proba(inputs(labeled[held]))
 
     t0 = time.perf_counter()
     with PeakMemory(inp.device) as mem:
         oof = leave_one_out(fit_predict, y)
-        head = make_head(name, cfg, None, inp.device)
-        head.fit(x[labeled], y, inp.n_classes, query_x=x[test] if head.transductive else None)
-        probs = head.predict_proba(x[test])
+        head, inputs = new_head()
+        head.fit(inputs(labeled), y, inp.n_classes, query_x=inputs(test) if head.transductive else None)
+        probs = head.predict_proba(inputs(test))
     return {"kind": "head", "loo": cv_summary(oof, y), "test_accuracy": truth_accuracy(probs, inp.truth),
             "seconds": round(time.perf_counter() - t0, 2), "peak_memory_mb": round(mem.mb, 1)}
 
@@ -78,17 +88,20 @@ def main(cfg, methods=None, heads=None):
     truth = inp.truth is not None
     text = format_table(rows, truth)
     print(text)
+    augment = cfg.meta.task_augment
     header = (f"Comparison on run '{cfg.run.name}': encoder {inp.source} "
               f"({'last block meta-trained' if cfg.meta.train_block else 'frozen embeddings'}), "
-              f"meta pool {inp.pool.kind} ({len(inp.pool)} images), device {inp.device}, "
+              f"meta pool {inp.pool.kind} ({len(inp.pool)} images), task augmentation {augment} "
+              f"(methods: {', '.join(n for n in methods if inp.augmented(n)) or 'none'}), device {inp.device}, "
               f"{time.strftime('%Y-%m-%d')}. LOO over {len(inp.labeled)} labeled images, Wilson 95% interval"
               + (f"; test accuracy from {cfg.data.truth} (scoring only)." if truth else "."))
-    io.write_text(paths.run / "compare.md", header + "\n\n" + format_table(rows, truth, markdown=True) + "\n")
-    io.write_json(paths.run / "compare.json", {"run": cfg.run.name, "encoder": inp.source, "pool": inp.pool.kind,
-                                               "pool_images": len(inp.pool), "device": str(inp.device),
-                                               "machine": machine_info(inp.device), "truth": cfg.data.truth,
-                                               "trunk_seconds": round(inp.trunk_seconds, 2), "rows": rows})
-    print(f"written: {paths.run / 'compare.md'} and compare.json")
+    stem = paths.run / ("compare" if augment == "none" else f"compare_{augment.replace('+', '_')}")
+    io.write_text(stem.with_suffix(".md"), header + "\n\n" + format_table(rows, truth, markdown=True) + "\n")
+    io.write_json(stem.with_suffix(".json"), {
+        "run": cfg.run.name, "encoder": inp.source, "pool": inp.pool.kind, "pool_images": len(inp.pool),
+        "task_augment": augment, "device": str(inp.device), "machine": machine_info(inp.device),
+        "truth": cfg.data.truth, "trunk_seconds": round(inp.trunk_seconds, 2), "rows": rows})
+    print(f"written: {stem.with_suffix('.md')} and {stem.with_suffix('.json').name}")
     return rows
 
 

@@ -36,8 +36,9 @@ class RunCfg:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "bf16"  # bf16 (autocast on CUDA only) | fp32
-    channels_last: bool = True  # NHWC memory format on CUDA
+    channels_last: bool = True  # NHWC memory format (CUDA and CPU: oneDNN convolutions measured 1.2-1.5x faster on 2 Zen 3 cores)
     compile: bool = False  # torch.compile the encoder (pays off on long GPU runs)
+    compile_stages: list[str] = field(default_factory=list)  # with compile: only these stages (e.g. [ssl]); empty: all
     num_workers: int = 0  # CPU data-loader workers for the per-image augmentation path
     progress: bool = True  # tqdm progress bars
 
@@ -46,9 +47,12 @@ class RunCfg:
 class DataCfg:
     path: str = "input/digits"  # competition folder (train/ val/ test/ + CSVs)
     archive: str = ""  # optional .tar.xz/.tar.gz/.zip extracted into `path` when `path` is missing
-    builder: str = ""  # "digits": build the embedded demo competition into `path` when missing
+    builder: str = ""  # digits | digits_names (class-name labels, ids with extension): build the demo into `path` when missing
     truth: str = ""  # optional image_id,label CSV of test labels: scoring and reports only
     image_size: int = 32
+    # >0: the encoder resizes every image to this side (bilinear) before the network, e.g. 224 for
+    # ImageNet-pretrained timm weights; costs (model_input_size / image_size)^2 times the FLOPs. 0: off
+    model_input_size: int = 0
     skip_corrupt: bool = False  # skip (and count) undecodable images instead of failing
     demo_test_size: int = 500  # digits builder: number of test images
 
@@ -57,10 +61,26 @@ class DataCfg:
 class BackboneCfg:
     name: str = "resnet18"  # any timm model name
     small_stem: bool = True  # 3x3 stride-1 first conv, no max-pool: for 32x32 inputs
-    pretrained: str = ""  # local weights file (.safetensors / .pth); never downloads
-    allow_download: bool = False  # let timm fetch pretrained weights (user must ask)
+    pretrained: str = ""  # local weights file (.safetensors / weights-only .pth) for this timm model; never downloads
+    allow_download: bool = False  # true: timm fetches the model's pretrained weights from its hub (only when asked)
     width: int = 0  # >0: override timm's base width where supported (tiny CPU models)
     stem_width: int = 0  # >0: ResNet stem channels (timm default 64; dominates the cost of narrow CPU models)
+
+
+@dataclass
+class DedupCfg:
+    # Near-duplicate search (EDA; nothing is removed): perceptual hashes of the cached images in
+    # 00_prepare, embedding cosine in 05_heads; pairs and groups within and across splits.
+    hash: bool = True  # 00_prepare: dHash + pHash search (faiss binary index)
+    # a hash pair: dHash and pHash each differ in at most this many of 64 bits. On the real data
+    # (60k CIFAR images) sampled pairs up to 8 bits all looked like re-edited copies; 6 finds
+    # 96% of JPEG q60 re-saves and 97% of +30 brightness copies there
+    hash_distance: int = 6
+    embedding: bool = True  # 05_heads: search the heads' embeddings too
+    embedding_cosine: float = 0.95  # an embedding pair: cosine >= this
+    neighbors: int = 10  # candidates per image in each search
+    report_pairs: int = 24  # most similar (not pixel-identical) pairs drawn in the run report
+    test_support: bool = False  # 05_heads: a labeled image's near-duplicate test images join its class's support
 
 
 @dataclass
@@ -84,6 +104,7 @@ class SSLCfg:
     n_local_crops: int = 0  # multi-crop (dino, simclr): extra small crops per image
     gpu_augment: str = "auto"  # auto (GPU path on CUDA) | gpu | cpu
     crop_scale_min: float = 0.2
+    view_size: int = 0  # >0: side of the global views in training (e.g. 16: ~4x fewer FLOPs); embeddings keep image_size
     flip: bool = True  # random horizontal flips (off for mirror-sensitive images such as digits)
     rotate_deg: float = 0.0  # random rotation in +-rotate_deg degrees (handwriting slant); 0: off
     color_jitter: float = 0.4
@@ -103,6 +124,17 @@ class SSLCfg:
     lr_find_steps: int = 100  # --lr-find: steps of the exponential LR sweep
     lr_find_min: float = 1e-4
     lr_find_max: float = 10.0
+    # SwAV (Caron et al. 2020): online prototypes, Sinkhorn-Knopp codes, swapped prediction
+    swav_prototypes: int = 3000  # K
+    swav_temperature: float = 0.1  # softmax temperature of the predicted codes
+    swav_epsilon: float = 0.05  # entropy regularisation of the Sinkhorn codes (smaller: sharper)
+    swav_sinkhorn_iters: int = 3
+    swav_queue_length: int = 0  # >0: past projections per global view join the Sinkhorn batch (small batches); 0: off
+    swav_freeze_prototypes_steps: int = 0  # the prototypes get no gradient for the first steps (the paper: ~1 epoch)
+    # DeepCluster-v2 (Caron et al. 2020): k-means of a memory bank of projections each epoch, targets = assignments
+    deepcluster_prototypes: list[int] = field(default_factory=lambda: [3000, 3000, 3000])  # k of each k-means head
+    deepcluster_temperature: float = 0.1
+    deepcluster_kmeans_iters: int = 10
 
 
 @dataclass
@@ -187,7 +219,7 @@ class HeadsCfg:
     pseudo_heads: list[str] = field(default_factory=lambda: ["protonet", "protonet_transductive", "knn"])
     pseudo_min_confidence: float = 0.0  # selected pseudo-labels below this confidence are not used
     pseudo_max_per_class: int = 2000  # cap (most confident first) to keep CV refits cheap; 0: all
-    distance: str = "cosine"  # cosine | euclidean (ProtoNet)
+    distance: str = "cosine"  # cosine | euclidean (ProtoNet; TIM's logits)
     protonet_temperature: float = 10.0  # cosine logit scale (ProtoNet and its transductive variant)
     knn_k: int = 10
     knn_temperature: float = 0.07  # vote weight exp(cos / tau) (Wu et al. 2018)
@@ -203,6 +235,26 @@ class HeadsCfg:
     finetune_encoder: bool = False  # also fine-tune the encoder (runs the latest saved encoder)
     tta_flip: bool = True  # heads that run the encoder average the image and its mirror
     logreg_c: float = 10.0
+    # transductive heads (src/heads/transductive.py): propagation, pt_map, tim, laplacianshot, bd_cspn
+    # auto (each method's own: propagation, laplacianshot cl2n; tim, bd_cspn l2n; pt_map power_cl2n) or one of
+    # none | l2n | cl2n | power_l2n | power_cl2n for all of them: one shared preprocessing step
+    transductive_features: str = "auto"
+    power_beta: float = 0.5  # power transform exponent (power_* features; Hu et al. 2021)
+    transductive_set: str = "query"  # with all images known: query (test + held-out rows) | all (every unlabeled image)
+    graph_k: int = 20  # kNN graph over all images (propagation; laplacianshot keeps laplacian_k of these)
+    propagation_alpha: float = 0.99  # label spreading (Zhou et al. 2004)
+    propagation_gamma: float = 3.0  # graph affinity max(cos, 0) ** gamma (Iscen et al. 2019)
+    ptmap_steps: int = 20  # PT-MAP centre updates (Hu et al. 2021)
+    ptmap_lr: float = 0.2  # fraction of the way each centre moves per step (the paper's alpha)
+    ptmap_lambda: float = 10.0  # optimal-transport cost weight
+    tim_steps: int = 50  # TIM-GD Adam steps (Boudiaf et al. 2020); distance picks l2 (paper) or cosine logits
+    tim_lr: float = 2e-3
+    tim_temperature: float = 15.0
+    tim_weights: list[float] = field(default_factory=lambda: [0.1, 1.0, 0.1])  # CE, H(Y) marginal, H(Y|X)
+    laplacian_k: int = 3  # LaplacianShot kNN kernel (Ziko et al. 2020)
+    laplacian_lambda: float = 0.7
+    laplacian_steps: int = 20  # bound updates (stops earlier when the bound converges)
+    bdcspn_epsilon: float = 10.0  # BD-CSPN row weights exp(epsilon cos) (Liu et al. 2020)
 
 
 @dataclass
@@ -221,18 +273,16 @@ class CVCfg:
 
 @dataclass
 class EnsembleCfg:
-    # Rule submitted (src/ensemble.py RULES): mean | weighted | rank | stack | best | shrunk | agreement |
-    # transductive | preferred | auto (best local CV among auto_candidates). Chosen on the re-draw evaluation
-    # (pipelines/redraw.py, docs/RESULTS.md).
+    # Rule submitted (src/ensemble.py RULES): mean | weighted | rank | stack | best (max LOO) | shrunk |
+    # agreement | transductive | preferred | top (one-SE set) | gated | auto (best local CV among
+    # auto_candidates). Chosen on the re-draw evaluation (pipelines/redraw.py, README, docs/RESULTS.md).
     method: str = "auto"
     members: list[str] = field(default_factory=list)  # empty: every member of the stages in `sources`
     sources: list[str] = field(default_factory=lambda: ["heads", "meta"])  # heads (05_heads) | meta (04_meta)
-    preferred: list[str] = field(default_factory=lambda: ["propagation", "pseudo_propagation"])  # method=preferred: first present
+    preferred: list[str] = field(default_factory=lambda: ["propagation", "pt_map"])  # preferred/gated: first member present
     auto_candidates: list[str] = field(default_factory=lambda: ["mean", "weighted", "rank", "stack"])
     agreement_iters: int = 10  # method=agreement: re-weighting steps against the consensus
-    # "<rule>+propagate": weight of the rule's test probabilities as seeds of one more label-spreading
-    # pass over the kNN graph (labeled images: weight 1); the graph and its settings are 02_pseudo's
-    propagate_weight: float = 0.1
+    gate_agreement: float = 0.9  # method=gated: mean pairwise test agreement at or above which the mean is used
     weight_rounds: int = 20  # greedy ensemble selection with replacement (Caruana et al. 2004)
     stacker_rounds: int = 200
     stacker_lr: float = 0.05
@@ -259,6 +309,11 @@ class MetaCfg:
     n_way: int = 5
     n_shot: int = 1
     n_query: int = 5
+    # Task augmentation of the MAML family's and protonet_episodic's training episodes: none | rot90 (each
+    # class x 4 quarter-turn rotations, each rotation a class of its own) | image (per-episode flip + shift of
+    # every image) | rot90+image
+    task_augment: str = "none"
+    task_augment_flip: bool = True  # image: random horizontal flips (off for mirror-sensitive images: digits)
     episodes: int = 200  # meta-iterations (optimiser steps), each over meta_batch episodes
     meta_batch: int = 4
     outer_lr: float = 1e-3  # Adam, every method's meta-parameters
@@ -277,10 +332,26 @@ class MetaCfg:
 
 
 @dataclass
+class BenchCfg:
+    """`pipelines/bench.py pipeline`: the recipe's time and memory budget, checked against the measurement.
+    No stage reads this section (changing it reruns nothing)."""
+    stage_budget_s: dict[str, float] = field(default_factory=dict)  # stage key (ssl, pseudo, ...) -> seconds, wall
+    budget_s: float = 0.0  # whole pipeline, wall seconds; 0: no budget
+    max_gpu_memory_gb: float = 0.0  # peak torch.cuda.max_memory_allocated of any stage (GB = 1e9 B); 0: no cap
+    roof_size: int = 0  # n of the n x n matmul that measures the roof; 0: 4096 (CPU, fp32) / 8192 (CUDA, bf16)
+    # >0: time this many SSL steps (bench.py ssl, beside 00_prepare) and set ssl.epochs to what fits
+    # stage_budget_s.ssl at the measured speed, at most ssl_max_epochs; 0: keep ssl.epochs
+    ssl_probe_steps: int = 0
+    ssl_max_epochs: int = 0  # 0: ssl.epochs (the fit only shortens)
+    ssl_overhead_s: float = 20.0  # seconds of 01_ssl that are not training steps (start-up, probes, embeddings)
+
+
+@dataclass
 class Config:
     run: RunCfg = field(default_factory=RunCfg)
     data: DataCfg = field(default_factory=DataCfg)
     backbone: BackboneCfg = field(default_factory=BackboneCfg)
+    dedup: DedupCfg = field(default_factory=DedupCfg)
     ssl: SSLCfg = field(default_factory=SSLCfg)
     pseudo: PseudoCfg = field(default_factory=PseudoCfg)
     metric: MetricCfg = field(default_factory=MetricCfg)
@@ -288,6 +359,7 @@ class Config:
     cv: CVCfg = field(default_factory=CVCfg)
     ensemble: EnsembleCfg = field(default_factory=EnsembleCfg)
     meta: MetaCfg = field(default_factory=MetaCfg)
+    bench: BenchCfg = field(default_factory=BenchCfg)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -401,8 +473,69 @@ def validate(cfg: Config) -> None:
                         ("cv.episode_min_confidence", cfg.cv.episode_min_confidence)):
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{name}: must be in [0, 1], got {value}")
+    validate_heads(cfg.heads)
     if cfg.data.image_size <= 0:
         raise UserError(f"data.image_size: must be positive, got {cfg.data.image_size}")
+    if cfg.dedup.hash_distance < 0 or cfg.dedup.hash_distance > 64:
+        raise UserError(f"dedup.hash_distance: must be in [0, 64], got {cfg.dedup.hash_distance}")
+    if not -1.0 <= cfg.dedup.embedding_cosine <= 1.0:
+        raise UserError(f"dedup.embedding_cosine: must be in [-1, 1], got {cfg.dedup.embedding_cosine}")
+    if cfg.dedup.neighbors < 1 or cfg.dedup.report_pairs < 0:
+        raise UserError("dedup.neighbors: must be >= 1 and dedup.report_pairs >= 0")
+    if cfg.data.model_input_size < 0:
+        raise UserError(f"data.model_input_size: must be >= 0 (0: off), got {cfg.data.model_input_size}")
+    from src.paths import STAGE_DIRS  # late: src.paths imports this module
+
+    for name in cfg.run.compile_stages:
+        if name not in STAGE_DIRS:
+            raise UserError(f"run.compile_stages: unknown stage '{name}' (known: {', '.join(STAGE_DIRS)})")
+    for name, seconds in cfg.bench.stage_budget_s.items():
+        if name not in STAGE_DIRS:
+            raise UserError(f"bench.stage_budget_s: unknown stage '{name}' (known: {', '.join(STAGE_DIRS)})")
+        if not seconds > 0:
+            raise UserError(f"bench.stage_budget_s.{name}: must be positive, got {seconds}")
+    for key in ("budget_s", "max_gpu_memory_gb", "roof_size", "ssl_probe_steps", "ssl_max_epochs", "ssl_overhead_s"):
+        if getattr(cfg.bench, key) < 0:
+            raise UserError(f"bench.{key}: must be >= 0, got {getattr(cfg.bench, key)}")
+    if cfg.bench.ssl_probe_steps and not cfg.bench.stage_budget_s.get("ssl"):
+        raise UserError("bench.ssl_probe_steps: needs bench.stage_budget_s.ssl (the seconds to fit the epochs into)")
+
+
+def for_stage(cfg: Config, stage_key: str) -> Config:
+    """The config a stage runs with: run.compile applies only to the stages in run.compile_stages
+    when that list is set (compile time pays only on long training loops)."""
+    if not cfg.run.compile_stages:
+        return cfg
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, compile=cfg.run.compile
+                                                                and stage_key in cfg.run.compile_stages))
+
+
+def validate_heads(h: HeadsCfg) -> None:
+    """Ranges of the transductive heads' keys (src/heads/transductive.py)."""
+    features = ("auto", "none", "l2n", "cl2n", "power_l2n", "power_cl2n")  # auto + src.transductive.FEATURES
+    if h.transductive_features not in features:
+        raise UserError(f"heads.transductive_features: expected one of {', '.join(features)}, "
+                        f"got '{h.transductive_features}'")
+    if h.transductive_set not in ("query", "all"):
+        raise UserError(f"heads.transductive_set: expected query or all, got '{h.transductive_set}'")
+    for name in ("graph_k", "laplacian_k"):
+        if getattr(h, name) < 1:
+            raise UserError(f"heads.{name}: must be >= 1, got {getattr(h, name)}")
+    for name in ("ptmap_steps", "tim_steps", "laplacian_steps"):
+        if getattr(h, name) < 0:
+            raise UserError(f"heads.{name}: must be >= 0, got {getattr(h, name)}")
+    for name in ("power_beta", "ptmap_lambda", "tim_temperature", "tim_lr", "propagation_gamma"):
+        if getattr(h, name) <= 0:
+            raise UserError(f"heads.{name}: must be > 0, got {getattr(h, name)}")
+    for name in ("laplacian_lambda", "bdcspn_epsilon"):
+        if getattr(h, name) < 0:
+            raise UserError(f"heads.{name}: must be >= 0, got {getattr(h, name)}")
+    if not 0.0 < h.ptmap_lr <= 1.0:
+        raise UserError(f"heads.ptmap_lr: must be in (0, 1], got {h.ptmap_lr}")
+    if not 0.0 < h.propagation_alpha < 1.0:
+        raise UserError(f"heads.propagation_alpha: must be in (0, 1), got {h.propagation_alpha}")
+    if len(h.tim_weights) != 3 or min(h.tim_weights) < 0:
+        raise UserError(f"heads.tim_weights: expected three weights >= 0 [CE, H(Y), H(Y|X)], got {h.tim_weights}")
 
 
 def to_yaml(cfg: Config) -> str:

@@ -137,14 +137,11 @@ def public_truth(truth_file: str, test_ids: list[str], classes: np.ndarray) -> n
     from pathlib import Path
 
     from src.data.competition import read_id_label_csv
+    from src.data.dataset import encode_labels
     from src.errors import UserError
 
     frame = read_id_label_csv(Path(truth_file))
-    lookup = {c: i for i, c in enumerate(np.asarray(classes).tolist())}
-    unknown = frame.loc[~frame["label"].isin(list(lookup)), "label"]
-    if len(unknown):
-        raise UserError(f"{truth_file}: label {unknown.iloc[0]} is not one of the classes {list(lookup)}")
-    truth = dict(zip(frame["image_id"], frame["label"].map(lookup)))
+    truth = dict(zip(frame["image_id"], encode_labels(frame["label"].tolist(), classes, truth_file)))
     out = np.array([truth.get(i, -1) for i in test_ids], dtype=np.int64)
     if (out < 0).all():
         raise UserError(f"{truth_file}: no image_id matches a test image")

@@ -210,49 +210,10 @@ class Members:
     transductive: list[bool] = field(default_factory=list)  # member used the unlabeled images
     stack: list[np.ndarray | None] | None = None
     table: pd.DataFrame | None = None
-    graph: "Graph | None" = None  # only the "<rule>+propagate" rules read it
 
     @property
     def n_classes(self) -> int:
         return int(self.probs[0].shape[1])
-
-
-@dataclass
-class Graph:
-    """The kNN graph over every image (rows of the prepared index), for the "<rule>+propagate"
-    rules: one more label-spreading pass seeded by the labeled images (one-hot) and by the rule's
-    test probabilities (times `weight`). Label-free apart from the labeled images every member uses."""
-
-    s: object  # (N, N) CSR propagation matrix, src.neighbors.propagation_matrix
-    labeled: np.ndarray  # (L,) rows of the labeled images, in the order of Members.y
-    test: np.ndarray  # (T,) rows of the test images, in the order of the members' probabilities
-    alpha: float = 0.99
-    iters: int = 20
-
-    def spread(self, y: np.ndarray, test_probs: np.ndarray, weight: float, held_out: int | None = None,
-               held_out_probs: np.ndarray | None = None) -> np.ndarray:
-        """Label spreading (N, C) from one-hot seeds on the labeled rows and weight * test_probs on
-        the test rows. held_out: a labeled image treated like a test image (seeded with
-        weight * held_out_probs, its own prediction made without its label)."""
-        from src.neighbors import label_spreading
-
-        seeds = np.zeros((self.s.shape[0], test_probs.shape[1]))
-        keep = np.arange(len(self.labeled)) != (-1 if held_out is None else held_out)
-        seeds[self.labeled[keep], y[keep]] = 1.0
-        seeds[self.test] += weight * test_probs
-        if held_out is not None and held_out_probs is not None:
-            seeds[self.labeled[held_out]] += weight * held_out_probs
-        return label_spreading(self.s, seeds, self.alpha, self.iters)
-
-
-def graph_matrix(emb: np.ndarray, pseudo_cfg, device=None):
-    """The propagation matrix of the "+propagate" rules: the graph 02_pseudo's propagation labeler
-    builds (embeddings centred when pseudo.center, pseudo.knn_k neighbours, affinity cos^gamma)."""
-    from src.neighbors import propagation_matrix
-    from src.pseudo.labelers import center_normalize, normalize_rows
-
-    x = center_normalize(emb) if pseudo_cfg.center else normalize_rows(np.asarray(emb, np.float32))
-    return propagation_matrix(x, pseudo_cfg.knn_k, pseudo_cfg.propagation_gamma, device)
 
 
 @dataclass
@@ -268,13 +229,13 @@ class RuleParams:
     """The ensemble.* settings the rules read (a subset of EnsembleCfg) and the run seed."""
 
     weight_rounds: int = 20
-    preferred: list[str] = field(default_factory=lambda: ["propagation", "pseudo_propagation"])
+    preferred: list[str] = field(default_factory=lambda: ["propagation", "pt_map"])
+    gate_agreement: float = 0.9
     auto_candidates: list[str] = field(default_factory=lambda: ["mean", "weighted", "rank", "stack"])
     agreement_iters: int = 10
     stacker_rounds: int = 200
     stacker_lr: float = 0.05
     stacker_leaves: int = 7
-    propagate_weight: float = 0.1  # "<rule>+propagate": weight of the rule's test probabilities as seeds
     seed: int = 0
 
     @classmethod
@@ -415,6 +376,51 @@ def rule_preferred(m: Members, p: RuleParams) -> Combined:
     return Combined(m.oof[k], m.probs[k], np.eye(len(m.names))[k], f"fixed member {chosen} (ensemble.preferred)")
 
 
+def one_se_members(oof: list[np.ndarray], y: np.ndarray) -> np.ndarray:
+    """Members whose LOO accuracy is within one binomial standard error of the best member's
+    (the one-standard-error rule, Breiman et al. 1984): se = sqrt(a (1 - a) / L) at the best
+    accuracy a; with 30 labels that is ~5 points, so only clearly worse members drop out.
+    Returns a boolean mask (M,)."""
+    acc = np.array([accuracy(o, y) for o in oof])
+    top = float(acc.max())
+    se = np.sqrt(top * (1 - top) / max(len(y), 1))
+    return acc >= top - se - 1e-12
+
+
+@rule("top")
+def rule_top(m: Members, p: RuleParams) -> Combined:
+    """Equal-weight mean of the members within one standard error of the best LOO; CV nested."""
+    keep = one_se_members(m.oof, m.y)
+    w = keep / keep.sum()
+    nested = np.zeros_like(m.oof[0], dtype=np.float32)
+    rows = np.arange(len(m.y))
+    for i in rows:  # row i is combined over the members chosen on the other rows
+        ki = one_se_members([o[rows != i] for o in m.oof], m.y[rows != i])
+        nested[i] = mean_probs([o[i:i + 1] for o in m.oof], ki / ki.sum())[0]
+    return Combined(nested, mean_probs(m.probs, w), w,
+                    "mean of the members within one SE of the best LOO: "
+                    + ", ".join(n for n, k in zip(m.names, keep) if k))
+
+
+def test_agreement(probs: list[np.ndarray]) -> float:
+    """Mean over member pairs of the fraction of test images on which both argmaxes agree (label-free)."""
+    labels = [p.argmax(1) for p in probs]
+    pairs = [(a == b).mean() for i, a in enumerate(labels) for b in labels[i + 1:]]
+    return float(np.mean(pairs)) if pairs else 1.0
+
+
+@rule("gated")
+def rule_gated(m: Members, p: RuleParams) -> Combined:
+    """The uniform mean when the members agree (mean pairwise test agreement >= ensemble.gate_agreement),
+    else the preferred member: when members disagree a lot, the mean is dragged by the weak ones. Label-free."""
+    agree = test_agreement(m.probs)
+    if agree >= p.gate_agreement:
+        c = rule_mean(m, p)
+        return Combined(c.oof, c.test, c.weights, f"members agree {agree:.2f} >= {p.gate_agreement:g}: equal weights")
+    c = rule_preferred(m, p)
+    return Combined(c.oof, c.test, c.weights, f"members agree {agree:.2f} < {p.gate_agreement:g}: {c.note}")
+
+
 @rule("stack")
 def rule_stack(m: Members, p: RuleParams) -> Combined:
     """LightGBM on the concatenated group-fold OOF probabilities; CV on the same group folds."""
@@ -458,15 +464,12 @@ def rule_auto(m: Members, p: RuleParams) -> Combined:
 
 def applicable(name: str, m: Members, p: RuleParams) -> bool:
     """Whether rule `name` can run on these members (stack: stacker features; transductive: a
-    transductive member; preferred: a preferred member present; +propagate: a graph)."""
-    name, refine = _split(name)
-    if refine and m.graph is None:
-        return False
+    transductive member; preferred and gated: a preferred member present)."""
     if name == "stack":
         return m.table is not None and any(s is not None for s in (m.stack or []))
     if name == "transductive":
         return any(m.transductive)
-    if name == "preferred":
+    if name in ("preferred", "gated"):
         return any(n in m.names for n in p.preferred)
     return True
 
@@ -478,10 +481,7 @@ def apply_rules(names: list[str], m: Members, p: RuleParams) -> dict[str, Combin
     def get(name: str) -> Combined:
         if name not in out:
             check_rule(name)
-            base, refine = _split(name)
-            if refine:
-                out[name] = propagated(get(base), m, p)
-            elif base == "auto":
+            if name == "auto":
                 out[name] = pick_best({n: get(n) for n in _auto_candidates(m, p)}, m.y)[1]
             else:
                 out[name] = RULES[name](m, p)
@@ -490,34 +490,9 @@ def apply_rules(names: list[str], m: Members, p: RuleParams) -> dict[str, Combin
     return {n: get(n) for n in names}
 
 
-PROPAGATE = "+propagate"
-
-
-def propagated(base: Combined, m: Members, p: RuleParams) -> Combined:
-    """A rule's output refined by one more label-spreading pass over the kNN graph of every image
-    (Zhou et al. 2004), seeded by the labeled images and by p.propagate_weight times the rule's test
-    probabilities: neighbouring images end up agreeing, as in the propagation labeler that leads
-    the members on the demo. CV: image i is held out of the seeds and seeded like a test image with
-    the rule's own LOO prediction; the test seeds came from members fit with every label, so its
-    label still echoes back through its neighbours (optimistic, like LOO with pseudo-labels)."""
-    g = m.graph
-    if g is None:
-        raise UserError(f"ensemble.method=...{PROPAGATE}: no kNN graph (embeddings) to propagate over")
-    w = p.propagate_weight
-    test = g.spread(m.y, base.test, w)[g.test]
-    oof = np.stack([g.spread(m.y, base.test, w, i, base.oof[i])[g.labeled[i]] for i in range(len(m.y))])
-    return Combined(oof.astype(np.float32), test, base.weights,
-                    f"{base.note}; then label spreading over the kNN graph (test seeds x {w:g}; CV optimistic: echo)")
-
-
-def _split(name: str) -> tuple[str, bool]:
-    return (name[:-len(PROPAGATE)], True) if name.endswith(PROPAGATE) else (name, False)
-
-
 def check_rule(name: str, key: str = "ensemble.method") -> None:
-    base, _ = _split(name)
-    if base not in RULES:
-        raise UserError(f"{key}: unknown rule '{name}' (known: {', '.join(RULES)}, each also as <rule>{PROPAGATE})")
+    if name not in RULES:
+        raise UserError(f"{key}: unknown rule '{name}' (known: {', '.join(RULES)})")
 
 
 def combine(name: str, m: Members, p: RuleParams) -> Combined:

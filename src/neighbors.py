@@ -104,27 +104,3 @@ def kmeans(x: np.ndarray, n_clusters: int, iters: int = 25, seed: int = 0, devic
     km.train(x)
     _, assign = knn_search(x, km.centroids, 1, device)
     return km.centroids.astype(np.float32), assign[:, 0]
-
-
-def propagation_matrix(emb: np.ndarray, k: int, gamma: float = 3.0, device: torch.device | None = None) -> sp.csr_matrix:
-    """S = D^-1/2 W D^-1/2 of the symmetric kNN affinity graph of `emb` (N, D) (unit rows): the
-    operator label spreading iterates. (N, N) CSR."""
-    return normalized_adjacency(affinity_matrix(*knn_graph(emb, k, device), gamma=gamma))
-
-
-def label_spreading(s: sp.csr_matrix, seeds: np.ndarray, alpha: float = 0.99, iters: int = 20) -> np.ndarray:
-    """Label spreading (Zhou et al. 2004): solve (I - alpha S) F = Y for every class column of the
-    seeds Y (N, C) by conjugate gradients (x0 = Y, at most `iters` steps), then class-mass
-    normalisation (Zhu et al. 2003) and rows -> probabilities (rows nothing reached: uniform).
-    Returns float32 (N, C)."""
-    from scipy.sparse.linalg import cg
-
-    n, c = seeds.shape
-    a = (sp.identity(n, format="csr") - alpha * s).tocsr()
-    f = np.zeros((n, c))
-    for k in range(c):
-        f[:, k], _ = cg(a, seeds[:, k], x0=seeds[:, k], rtol=1e-6, maxiter=iters)
-    f = np.clip(f, 0.0, None)
-    f /= np.maximum(f.sum(0, keepdims=True), 1e-30)
-    total = f.sum(1, keepdims=True)
-    return np.where(total > 0, f / np.maximum(total, 1e-30), 1.0 / c).astype(np.float32)

@@ -2,13 +2,15 @@
 
 Layout of one run (``runs/<run.name>/``)::
 
-    00_prepare/  images.npy (uint8 N x H x W x 3, memory-mappable)  index.csv  report.json
+    00_prepare/  images.npy (uint8 N x H x W x 3, memory-mappable)  index.csv (label: class id, -1 unknown)
+                 classes.json (class labels in id order)  report.json
+                 near_duplicates.json + near_duplicate_pairs.csv (perceptual-hash pass)
     01_ssl/      encoder.safetensors  encoder.json  embeddings.npy (float16 N x D, L2-normalised)
                  log.jsonl  ckpt/  lr_find.png
     02_pseudo/   round{r}/labels.csv (image_id,label,confidence,source)  round{r}/embeddings.npy ...
     03_metric/   encoder.safetensors  embeddings.npy  arcface.safetensors  log.jsonl
     04_meta/     <method>/probs_test.npy  <method>/oof.npy   (meta-learning heads)
-    05_heads/    <head>/probs_test.npy  <head>/oof.npy  cv.json
+    05_heads/    <head>/probs_test.npy  <head>/oof.npy  cv.json  near_duplicates.json (embedding pass)
     06_submit/   ensemble.json  report/index.html
     <stage>/     config.yaml  meta.json (seed, commit, fingerprint)  _done.json
 
@@ -50,8 +52,23 @@ class RunPaths:
         return self.stage("prepare") / "index.csv"
 
     @property
+    def classes(self) -> Path:
+        return self.stage("prepare") / "classes.json"
+
+    @property
     def data_report(self) -> Path:
         return self.stage("prepare") / "report.json"
+
+    # ---- near-duplicate search (00_prepare: hashes; 05_heads: embeddings; eda: pipelines/eda.py) ----
+    def near_duplicates(self, stage: str, tag: str = "") -> Path:
+        """Summary JSON; tag distinguishes passes in one folder (eda: "" hashes, "_embedding")."""
+        return self._eda_or_stage(stage) / f"near_duplicates{tag}.json"
+
+    def near_duplicate_pairs(self, stage: str, tag: str = "") -> Path:
+        return self._eda_or_stage(stage) / f"near_duplicate_pairs{tag}.csv"
+
+    def _eda_or_stage(self, stage: str) -> Path:
+        return self.run / "eda" if stage == "eda" else self.stage(stage)
 
     # ---- encoders and embeddings (any stage that trains an encoder) ----
     def encoder(self, stage: str) -> Path:

@@ -7,6 +7,9 @@ exp(cos / T), T = 0.07; the monitor most SSL papers report), or a plain majority
 * ``knn_loo_labeled``: leave-one-out over the labeled images (30 here) -- usable for decisions;
 * ``knn_5fold_truth``: 5-fold k-NN within the test images listed in ``cfg.data.truth`` -- a
   monitoring/report number only, never used for training, thresholds or model selection.
+
+And one label-free signal, usable inside a run: :func:`rankme`, the effective rank of the embeddings
+of a fixed sample of unlabeled images (Garrido et al. 2023, arXiv:2210.02885).
 """
 from __future__ import annotations
 
@@ -86,13 +89,15 @@ def knn_kfold_accuracy(feats, labels, k: int = 20, folds: int = 5, seed: int = 0
 
 
 def truth_rows(data: CompetitionData, truth: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of data.index listed in the truth CSV and their labels. Raises UserError on unknown ids."""
+    """Rows of data.index listed in the truth CSV and their class ids. Raises UserError on unknown
+    ids and on labels that are not one of the classes."""
     frame = read_id_label_csv(Path(truth))
     row_of = {image_id: r for r, image_id in enumerate(data.index["image_id"].tolist())}
     missing = [i for i in frame["image_id"] if i not in row_of]
     if missing:
         raise UserError(f"{truth}: image_id '{missing[0]}' is not in the prepared data ({len(missing)} unknown)")
-    return np.array([row_of[i] for i in frame["image_id"]], dtype=np.int64), frame["label"].to_numpy(np.int64)
+    return (np.array([row_of[i] for i in frame["image_id"]], dtype=np.int64),
+            data.encode(frame["label"].tolist(), str(truth)))
 
 
 def probe_rows(data: CompetitionData, truth: str = "") -> np.ndarray:
@@ -111,6 +116,15 @@ def knn_probe(feats_of_rows, data: CompetitionData, truth: str = "", k: int = 20
         rows, labels = truth_rows(data, truth)
         out["knn_5fold_truth"] = knn_kfold_accuracy(feats_of_rows(rows), labels, k, seed=seed)
     return out
+
+
+def rankme(feats, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023): exp of the entropy of the normalised singular values of the
+    (N, D) embedding matrix, in [1, min(N, D)]. Label-free: a collapsing encoder scores near 1, one
+    that spreads its images over all D directions near D."""
+    s = torch.linalg.svdvals(_as_tensor(feats).double())
+    p = s / s.sum() + eps
+    return float(torch.exp(-(p * torch.log(p)).sum()))
 
 
 def pixel_features(images: np.ndarray) -> np.ndarray:

@@ -1,8 +1,9 @@
 """One static HTML page per run (``paths.report_dir/index.html``, opens from disk, no server) with
 PNG plots: a t-SNE map of the embeddings (van der Maaten & Hinton 2008) coloured by pseudo-label
 and by truth, the confusion matrix of the submitted predictions against the truth file, the local
-CV of every member with its interval, the training curves of every stage's ``log.jsonl``, and the
-duplicate-image findings of stage 00."""
+CV of every member with its interval, the training curves of every stage's ``log.jsonl``, the
+duplicate-image findings of stage 00, and the near-duplicate pairs (hashes of stage 00, embeddings
+of stage 05) with a grid of the most similar pairs."""
 from __future__ import annotations
 
 import html
@@ -174,7 +175,7 @@ def render_report(paths: RunPaths, title: str, cv_rows: dict[str, dict], class_n
                   embeddings: np.ndarray | None = None, tsne_rows: np.ndarray | None = None,
                   tsne_colours: list[tuple[str, np.ndarray]] | None = None, labeled_mask: np.ndarray | None = None,
                   confusion: tuple[np.ndarray, np.ndarray, str] | None = None, summary_lines: list[str] = (),
-                  seed: int = 0) -> Path:
+                  seed: int = 0, near_duplicate_pairs: int = 24) -> Path:
     """Write the PNGs and index.html into paths.report_dir; returns the HTML path.
 
     cv_rows: name -> {"accuracy", "interval", "test_accuracy"?, "note"?}; confusion: (truth ids,
@@ -209,6 +210,7 @@ def render_report(paths: RunPaths, title: str, cv_rows: dict[str, dict], class_n
                 curves.append(f'<h3>{STAGE_DIRS[stage]}</h3><img src="{png}">')
     sections.append("<h2>Training curves</h2>" + ("".join(curves) or "<p>No training logs in this run.</p>"))
     sections.append("<h2>Duplicate images (stage 00)</h2>" + _duplicates_html(paths))
+    sections.append("<h2>Near-duplicate images</h2>" + _near_duplicates_html(paths, out, near_duplicate_pairs))
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
             "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;"
@@ -216,6 +218,56 @@ def render_report(paths: RunPaths, title: str, cv_rows: dict[str, dict], class_n
             f"<body><h1>{html.escape(title)}</h1><p>generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>"
             + "".join(sections) + "</body></html>")
     return io.write_text(out / "index.html", page)
+
+
+def pairs_grid(out: Path, images: np.ndarray, pairs, title: str, per_row: int = 4) -> str:
+    """PNG of image pairs side by side: pairs has a, b (rows of `images`), a_id, b_id, a_split,
+    b_split and dhash/phash or cosine."""
+    n = len(pairs)
+    n_rows = (n + per_row - 1) // per_row
+    fig, axes = plt.subplots(n_rows, per_row, figsize=(3.2 * per_row, 2.0 * n_rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, p in zip(axes.ravel(), pairs.itertuples()):
+        a, b = np.asarray(images[int(p.a)]), np.asarray(images[int(p.b)])
+        gap = np.full((a.shape[0], 2, 3), 255, np.uint8)
+        ax.imshow(np.concatenate([a, gap, b], axis=1), interpolation="nearest")
+        score = f"cos {p.cosine:.3f}" if hasattr(p, "cosine") else f"dHash {p.dhash}, pHash {p.phash} bits"
+        ax.set_title(f"{p.a_id} ({p.a_split})\n{p.b_id} ({p.b_split})\n{score}", fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def _near_duplicates_html(paths: RunPaths, out: Path, n_pairs: int) -> str:
+    import pandas as pd
+
+    from src.data.near_duplicates import top_pairs
+
+    parts, images = [], None
+    for stage, what in (("prepare", "perceptual hashes (00_prepare)"), ("heads", "embeddings (05_heads)")):
+        if not paths.near_duplicates(stage).exists():
+            continue
+        s = io.read_json(paths.near_duplicates(stage))
+        rows = [["pairs (pixel-identical)", f"{s['pairs']} ({s['identical_pairs']})"],
+                ["pairs within one split", s["pairs_within_split"]], ["pairs across splits", s["pairs_across_splits"]],
+                ["groups (images)", f"{s['groups']} ({s['images']})"],
+                ["groups within one split", s["groups_within_split"]],
+                ["groups across splits", s["groups_across_splits"]],
+                ["groups with conflicting labels", s["label_conflicts"]],
+                ["labeled-test pairs", s["labeled_test_pairs"]], ["seconds", s["seconds"]]]
+        parts.append(f"<h3>{html.escape(what)}: {html.escape(str(s['threshold']))}</h3>"
+                     + _table(["finding", "value"], rows))
+        pairs_path = paths.near_duplicate_pairs(stage)
+        if n_pairs and pairs_path.exists():
+            pairs = pd.read_csv(pairs_path, dtype={"a_id": str, "b_id": str}, keep_default_na=False)
+            if len(pairs):
+                images = io.read_npy(paths.images, mmap=True) if images is None else images
+                top = top_pairs(pairs, images, n_pairs)
+                if len(top):
+                    png = pairs_grid(out / f"near_duplicates_{stage}.png", images, top,
+                                     f"most similar pairs that are not pixel-identical: {what}")
+                    parts.append(f'<img src="{png}">')
+    return "".join(parts) or "<p>No near-duplicate search in this run (dedup.hash, dedup.embedding).</p>"
 
 
 def _duplicates_html(paths: RunPaths) -> str:

@@ -26,6 +26,25 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+# Narrowest convolution input that gets NHWC on the CPU (see use_channels_last).
+CPU_CHANNELS_LAST_MIN_CHANNELS = 16
+
+
+def use_channels_last(requested: bool, device: torch.device, model: torch.nn.Module) -> bool:
+    """Whether `model` runs in NHWC (channels_last) memory format: where requested (run.channels_last),
+    on CUDA always, and on the CPU only when every convolution after the RGB stem reads >= 16
+    channels. NHWC makes oneDNN's convolutions 1.2-1.5x faster on 2 Zen 3 cores for the widths the
+    CPU recipes use (docs/RESULTS.md), but torch 2.14's CPU backward of a 1x1 stride-2 convolution
+    in NHWC with 4-5 input and 8 output channels corrupts the heap ("corrupted double-linked list",
+    tests/test_ssl_flags.py keeps the guard), and the tiny test networks have such layers."""
+    if not requested:
+        return False
+    if device.type != "cpu":
+        return True
+    inputs = [m.in_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels != 3]
+    return min(inputs, default=CPU_CHANNELS_LAST_MIN_CHANNELS) >= CPU_CHANNELS_LAST_MIN_CHANNELS
+
+
 def autocast(device: torch.device, precision: str = "bf16"):
     """bf16 autocast on CUDA; a no-op on CPU (CPU bf16 is slower than fp32 on most hosts)."""
     if device.type == "cuda" and precision == "bf16":

@@ -9,7 +9,7 @@ scored against truth on many supports:
 
     for each draw d (seeded): 3 labeled images per class from the NON-test images (never a scored one)
         02_pseudo round 0 on the label-free SSL embeddings, seeded by the draw's labels
-        every member (05_heads heads, and `pseudo_<labeler>`: a 02_pseudo labeler alone) ->
+        every member (a 05_heads head, inductive or transductive: propagation, pt_map, ...) ->
             test probabilities, leave-one-out probabilities of the 30 labeled images, stacker OOF
         every rule of src.ensemble.RULES on the members (the rules see no truth) ->
             test accuracy against truth, local CV (LOO, nested where the rule reads labels)
@@ -42,13 +42,10 @@ from src import io
 from src.config import Config
 from src.cv import cv_summary
 from src.data import CompetitionData, load_data
-from src.ensemble import PROPAGATE, RULES, Graph, Members, RuleParams, check_rule, graph_matrix
+from src.ensemble import RULES, Members, RuleParams, check_rule
 from src.ensemble import apply_rules as ensemble_rules
 from src.errors import UserError
 from src.paths import RunPaths
-
-LABELER_PREFIX = "pseudo_"  # members "pseudo_<labeler>": one 02_pseudo labeler's probabilities alone
-
 
 # ---------------------------------------------------------------------------------------------
 # Labels the builder knows, and the draws
@@ -61,13 +58,13 @@ def known_labels(cfg: Config, data: CompetitionData, labels_csv: str = "") -> np
         from src.data.competition import read_id_label_csv
 
         frame, where = read_id_label_csv(Path(labels_csv)), labels_csv
-    elif cfg.data.builder == "digits":
+    elif cfg.data.builder in ("digits", "digits_names"):
         from src.data.digits import digits_labels
 
-        frame, where = digits_labels(cfg.data.demo_test_size, seed=0), "digits builder"
+        frame, where = digits_labels(cfg.data.demo_test_size, 0, cfg.data.builder == "digits_names"), "digits builder"
     else:
         raise UserError("data.builder: the re-draw evaluation needs every image's label; only the digits builder "
-                        "knows them (data.builder=digits), or pass --labels image_id,label CSV")
+                        "knows them (data.builder=digits or digits_names), or pass --labels image_id,label CSV")
     lookup = {c: i for i, c in enumerate(data.classes.tolist())}
     by_id = dict(zip(frame["image_id"], frame["label"]))
     out = np.array([lookup.get(by_id.get(i, None), -1) for i in data.index["image_id"]], np.int64)
@@ -119,16 +116,12 @@ def relabel(data: CompetitionData, support: np.ndarray, labels: np.ndarray) -> C
 # ---------------------------------------------------------------------------------------------
 def check_members(names: list[str]) -> None:
     from src.heads import HEADS
-    from src.pseudo.labelers import LABELERS
 
     if not names:
         raise UserError("--members: empty list")
     for name in names:
-        if name.startswith(LABELER_PREFIX) and name[len(LABELER_PREFIX):] in LABELERS:
-            continue
         if name not in HEADS:
-            raise UserError(f"--members: unknown member '{name}' (heads: {', '.join(HEADS.names())}; "
-                            f"labelers as {LABELER_PREFIX}<name>: {', '.join(LABELERS.names())})")
+            raise UserError(f"--members: unknown member '{name}' (heads: {', '.join(HEADS.names())})")
     if len(set(names)) != len(names):
         raise UserError(f"--members: a member is listed twice ({','.join(names)})")
 
@@ -136,7 +129,7 @@ def check_members(names: list[str]) -> None:
 def is_transductive(name: str) -> bool:
     from src.heads import HEADS
 
-    return True if name.startswith(LABELER_PREFIX) else bool(HEADS.get(name).transductive)
+    return bool(HEADS.get(name).transductive)
 
 
 @dataclass
@@ -152,8 +145,7 @@ class DrawInputs:
     _pool: object = None
     _heads: object = None
     _table: object = None
-    _graph: object = None
-    _centered: object = None
+    context: object = None  # src.transductive.TransductiveContext over l2_normalize(emb): label-free, shared by draws
 
     def pool(self) -> pd.DataFrame:
         """02_pseudo round 0 seeded by this draw's labels: the selected pseudo-labels (row, y, confidence)."""
@@ -171,41 +163,14 @@ class DrawInputs:
             from src.heads import l2_normalize
             from src.stages.heads import head_inputs, stack_rows
 
-            x = l2_normalize(self.emb)
-            self._heads = head_inputs(self.cfg, self.data, x, self.pool())
+            x = l2_normalize(self.emb) if self.context is None else self.context.x
+            self._heads = head_inputs(self.cfg, self.data, x, self.pool(), self.device, self.context)
             self._table = stack_rows(self.cfg, self._heads, self.pool(), x)
         return self._heads, self._table
-
-    def labeling(self, labeled: np.ndarray):
-        """A 02_pseudo LabelingContext seeded by `labeled` rows (their draw labels), sharing one graph."""
-        from src.pseudo.labelers import LabelingContext, center_normalize
-
-        if self._centered is None:
-            self._centered = center_normalize(self.emb) if self.cfg.pseudo.center else self.emb
-        ctx = LabelingContext(self._centered, labeled, self.data.class_ids[labeled], self.data.n_classes,
-                              self.cfg.pseudo, self.device, self.cfg.run.seed, _graph=self._graph)
-        self._graph = ctx.graph()
-        return ctx
-
-
-def labeler_outputs(name: str, inp: DrawInputs) -> dict:
-    """A 02_pseudo labeler as a member: test probabilities seeded by every labeled image, and LOO
-    (image i predicted by the labeler seeded with the others). Labelers see every image
-    (transductive) but never a held-out label. No stacker features: a group fold can hold every
-    labeled image of a class, which a labeler cannot do without (the stacker uses the heads)."""
-    from src.pseudo.labelers import LABELERS
-
-    fn, data = LABELERS.get(name[len(LABELER_PREFIX):]), inp.data
-    labeled = data.labeled_idx
-    probs = fn(inp.labeling(labeled))[data.test_idx]
-    oof = np.stack([fn(inp.labeling(np.delete(labeled, i)))[labeled[i]] for i in range(len(labeled))])
-    return {"probs": probs, "oof": oof.astype(np.float32), "stack": None}
 
 
 def member_outputs(name: str, inp: DrawInputs) -> dict:
     """{"probs" (T, C), "oof" (L, C), "stack" (R, C) | None} of one member on one draw."""
-    if name.startswith(LABELER_PREFIX):
-        return labeler_outputs(name, inp)
     from src.stages.heads import head_outputs
 
     h, table = inp.heads()
@@ -351,9 +316,13 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     from src.runtime import resolve_device
 
     paths = RunPaths(cfg)
-    members = list(members or [*cfg.heads.heads, f"{LABELER_PREFIX}propagation"])
-    rules = list(rules or [*RULES, *(f"{r}{PROPAGATE}" for r in RULES)])
+    members = list(members or cfg.heads.heads)
     check_members(members)
+    params = RuleParams.from_config(cfg.ensemble, cfg.run.seed)
+    if not rules:  # every rule that can run on these members
+        trans, pref = any(is_transductive(n) for n in members), any(n in members for n in params.preferred)
+        rules = [r for r in RULES if (r != "transductive" or trans) and (r not in ("preferred", "gated") or pref)]
+    rules = list(rules)
     for r in rules:
         check_rule(r, "--rules")
     default = default or cfg.ensemble.method
@@ -379,7 +348,6 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
         from src.models.encoder import load_encoder
 
         encoder = load_encoder(paths.encoder("ssl"), paths.encoder_spec("ssl"), device)
-    params = RuleParams.from_config(cfg.ensemble, cfg.run.seed)
     cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed)
     if fresh and cache.exists():
         import shutil
@@ -387,11 +355,14 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
         shutil.rmtree(cache)
     print(f"re-draws: {n_draws} supports of {n_train}+{n_val} per class from {len(pool)} non-test images; "
           f"{len(test)} scored test images; members {', '.join(members)}; rules {', '.join(rules)}")
-    s = graph_matrix(emb, cfg.pseudo, device) if any(r.endswith(PROPAGATE) for r in rules) else None
+    from src.heads import l2_normalize
+    from src.transductive import TransductiveContext
+
+    context = TransductiveContext(l2_normalize(emb), device)  # the kNN graph is label-free: built once
     records, t0 = [], time.perf_counter()
     with threadpool_limits(1):
         for d in tqdm(range(n_draws), desc="draws", disable=not cfg.run.progress):
-            m = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder, cache / f"draw_{d:03d}", s)
+            m = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder, cache / f"draw_{d:03d}", context)
             rec = score_draw(m, apply_rules(m, rules, params), truth)
             rec |= {"draw": d, "support": supports[d].tolist()}
             records.append(rec)
@@ -415,11 +386,11 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
 
 
 def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np.ndarray, support: np.ndarray,
-                 names: list[str], device, encoder, cache: Path, s=None) -> Members:
+                 names: list[str], device, encoder, cache: Path, context=None) -> Members:
     """Members of one draw, from the cache where present. Only support rows' labels are passed on.
-    s: the propagation matrix of the "+propagate" rules (label-free: one for every draw) or None."""
+    context: the transductive heads' TransductiveContext (label-free: one for every draw) or None."""
     data_d = relabel(data, support, labels)
-    inp = DrawInputs(cfg, data_d, emb, device, encoder)
+    inp = DrawInputs(cfg, data_d, emb, device, encoder, context=context)
     table = None
     table_file = cache / "table.safetensors"
     if table_file.exists():
@@ -439,8 +410,6 @@ def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np
             _save(table_file, {k: table[k].to_numpy().astype(np.float64 if k == "weight" else np.int64)
                                for k in TABLE_COLUMNS})
     y = data_d.class_ids[data_d.labeled_idx]
-    graph = None if s is None else Graph(s, data_d.labeled_idx, data_d.test_idx, cfg.pseudo.propagation_alpha,
-                                         cfg.pseudo.propagation_iters)
     return Members(names=list(names), oof=[outs[n]["oof"] for n in names], probs=[outs[n]["probs"] for n in names],
                    y=y, transductive=[is_transductive(n) for n in names],
-                   stack=[outs[n].get("stack") for n in names], table=table, graph=graph)
+                   stack=[outs[n].get("stack") for n in names], table=table)

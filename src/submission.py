@@ -9,7 +9,7 @@ import pandas as pd
 
 from src import io
 from src.config import Config
-from src.data.competition import read_id_label_csv
+from src.data.competition import kind_word, label_kind, read_id_label_csv
 from src.errors import UserError
 from src.runtime import git_commit
 
@@ -32,13 +32,17 @@ def check_submission(frame: pd.DataFrame, sample: pd.DataFrame, classes: np.ndar
 
 def write_submission(cfg: Config, path: Path, test_ids: list[str], labels: np.ndarray, classes: np.ndarray,
                      extra: dict | None = None) -> Path:
-    """Write `labels` (original class values) for `test_ids` to `path` and `path`.json."""
+    """Write `labels` (original class values: integers or class names, as in train_labels.csv) for
+    `test_ids` to `path` and `path`.json, in sample_submission.csv's order."""
     sample = read_id_label_csv(Path(cfg.data.path) / "sample_submission.csv", need_labels=False)
-    frame = pd.DataFrame({"image_id": test_ids, "label": np.asarray(labels).astype(np.int64)})
+    integer = np.asarray(classes).dtype.kind in "iu"
+    values = np.asarray(labels).astype(np.int64) if integer else np.asarray(labels, dtype=object)
+    frame = pd.DataFrame({"image_id": test_ids, "label": values})
     frame = frame.set_index("image_id").reindex(sample["image_id"]).reset_index()
     if frame["label"].isna().any():
         raise UserError(f"{path}: predictions missing for {int(frame['label'].isna().sum())} sample ids")
-    frame["label"] = frame["label"].astype(np.int64)
+    if integer:
+        frame["label"] = frame["label"].astype(np.int64)
     check_submission(frame, sample, classes, str(path))
     counts = frame["label"].value_counts().sort_index()
     sidecar = {"config_hash": cfg.hash(), "commit": git_commit(), "seed": cfg.run.seed, "run": cfg.run.name,
@@ -49,20 +53,24 @@ def write_submission(cfg: Config, path: Path, test_ids: list[str], labels: np.nd
 
 
 def score(submission: str | Path, truth: str | Path) -> dict:
-    """Accuracy over the ids present in the truth file (a public subset is fine)."""
+    """Accuracy over the ids present in the truth file (a public subset is fine). Labels are integers
+    or class names; both files must use the same kind."""
     sub = read_id_label_csv(Path(submission))
     tru = read_id_label_csv(Path(truth))
+    if len(sub) and len(tru) and label_kind(sub["label"]) != label_kind(tru["label"]):
+        raise UserError(f"{submission}: labels are {kind_word(label_kind(sub['label']))} but {truth} has "
+                        f"{kind_word(label_kind(tru['label']))}")
     merged = tru.merge(sub, on="image_id", how="left", suffixes=("_true", "_pred"))
     if merged["label_pred"].isna().any():
         n = int(merged["label_pred"].isna().sum())
         raise UserError(f"{submission}: {n} id(s) of {truth} have no prediction")
-    y, p = merged["label_true"].to_numpy(int), merged["label_pred"].to_numpy(int)
+    y, p = merged["label_true"].to_numpy(), merged["label_pred"].to_numpy()
     classes = np.unique(np.concatenate([y, p]))
     cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
     pos = {c: i for i, c in enumerate(classes)}
     for a, b in zip(y, p):
         cm[pos[a], pos[b]] += 1
-    per_class = {int(c): float(cm[i, i] / max(cm[i].sum(), 1)) for i, c in enumerate(classes)}
+    per_class = {c: float(cm[i, i] / max(cm[i].sum(), 1)) for i, c in enumerate(classes.tolist())}
     return {"accuracy": float((y == p).mean()), "n": int(len(y)), "per_class": per_class,
             "classes": classes.tolist(), "confusion": cm.tolist()}
 

@@ -352,6 +352,23 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x / info.world
 
 
+def all_reduce(x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Sum or max over ranks (no gradient, a new tensor); identity in a single process."""
+    if not dist_info().enabled:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return x
+
+
+def broadcast_from_main(x: torch.Tensor) -> torch.Tensor:
+    """Overwrite x in place with rank 0's values (results every rank must share, e.g. k-means
+    centroids); identity in a single process. Returns x."""
+    if dist_info().enabled:
+        dist.broadcast(x, src=0)
+    return x
+
+
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
     """SyncBatchNorm (on accelerators: PyTorch's SyncBatchNorm refuses CPU tensors) + DDP.
     On CPU/gloo ranks keep local BN statistics; DDP's buffer broadcast keeps running stats equal."""
@@ -387,7 +404,9 @@ def run_stage_distributed(stage, cfg, force: bool = False, lr_find: bool = False
         if not force and is_done(stage, cfg, RunPaths(cfg)):
             return {}
         seed_everything(cfg.run.seed)
-        return stage.run(cfg, RunPaths(cfg)) or {}
+        from src.config import for_stage
+
+        return stage.run(for_stage(cfg, stage.key), RunPaths(cfg)) or {}
     finally:
         dist.destroy_process_group()
 

@@ -1,6 +1,8 @@
 """Two CPU processes with the gloo backend: SSL training under DistributedDataParallel ends with
 identical weights on both ranks, the ranks see disjoint data, and NT-Xent with negatives gathered
-across processes equals the single-process loss (and gradient) on the global batch."""
+across processes equals the single-process loss (and gradient) on the global batch. Same for SwAV's
+Sinkhorn codes (column sums all-reduced) and for SwAV + DeepCluster-v2 training (one memory bank,
+the same k-means targets on both ranks)."""
 import os
 import socket
 
@@ -58,6 +60,30 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     result["batch"] = run.batch
     state = {k: v for k, v in run.model.state_dict().items() if "running_" not in k and "num_batches" not in k}
     io.save_tensors(f"{out}/rank{rank}.safetensors", state)
+
+    # 3) SwAV's Sinkhorn codes of this rank's half of a batch of 8.
+    from src.ssl.clustering import sinkhorn_knopp
+
+    scores = torch.rand(8, 5, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    result["codes"] = sinkhorn_knopp(scores[rank * 4:(rank + 1) * 4], 0.05, 3).tolist()
+
+    # 4) Two epochs of SwAV (with a queue) + DeepCluster-v2 under DDP.
+    cfg = load_config(None, ["run.device=cpu", "backbone.width=4", "backbone.stem_width=8", "backbone.small_stem=false",
+                             "ssl.batch_size=16", "ssl.epochs=2", "ssl.proj_hidden=32", "ssl.proj_dim=16",
+                             "ssl.max_steps_per_epoch=2", "ssl.objectives={swav: 1.0, deepcluster: 1.0}",
+                             "ssl.swav_prototypes=12", "ssl.swav_queue_length=8", "ssl.deepcluster_prototypes=[6, 4]",
+                             "ssl.deepcluster_kmeans_iters=3", "ssl.warmup_epochs=0"])
+    run = SSLRun(cfg, len(images), torch.device("cpu"))
+    run.wrap()
+    views = DeviceViews(cfg, images, torch.device("cpu"), run.batch, 0, 16)
+    for epoch in range(2):
+        run.model.on_epoch_start(epoch, images)
+        for i, (v, lv) in enumerate(views.epoch(epoch, run.steps)):
+            run.step(v, lv, epoch * run.steps + i, views.rows)
+    dc = run.model.objectives["deepcluster"]
+    state = {k: v for k, v in run.model.state_dict().items() if "running_" not in k and "num_batches" not in k}
+    io.save_tensors(f"{out}/clustering{rank}.safetensors", {**state, "dc_memory": dc.memory,
+                                                            "dc_assignments": dc.assignments})
     io.write_json(f"{out}/rank{rank}.json", result)
     dist.destroy_process_group()
 
@@ -83,3 +109,14 @@ def test_two_process_gloo_training(tmp_path):
     for rank, r in enumerate((r0, r1)):
         expected = torch.cat([z_full.grad[rank * 4:(rank + 1) * 4], z_full.grad[8 + rank * 4:8 + (rank + 1) * 4]])
         assert torch.allclose(torch.tensor(r["grad"]), expected, atol=1e-6)
+
+    from src.ssl.clustering import sinkhorn_knopp
+
+    scores = torch.rand(8, 5, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    assert torch.allclose(torch.tensor(r0["codes"] + r1["codes"]), sinkhorn_knopp(scores, 0.05, 3), atol=1e-5)
+    a, b = io.load_tensors(tmp_path / "clustering0.safetensors"), io.load_tensors(tmp_path / "clustering1.safetensors")
+    assert "objectives.swav.prototypes" in a and a["dc_assignments"].shape == (2, 64)
+    for key in a:
+        if key != "dc_memory":
+            assert torch.equal(a[key], b[key]), f"{key} differs between ranks"
+    assert torch.allclose(a["dc_memory"], b["dc_memory"], atol=1e-6)  # every rank wrote the whole global batch

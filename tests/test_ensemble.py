@@ -196,8 +196,8 @@ def test_rules_read_no_truth():
     """Rules take Members only: scrambling the test truth cannot change what they output (spy on
     the arguments: no array a rule receives equals the truth)."""
     m, truth = members_case(seed=4)
-    p = RuleParams(auto_candidates=["mean", "weighted", "rank"])
-    names = ["mean", "weighted", "rank", "best", "shrunk", "agreement", "transductive", "auto"]
+    p = RuleParams(auto_candidates=["mean", "weighted", "rank"], preferred=["m0"])
+    names = ["mean", "weighted", "rank", "best", "shrunk", "agreement", "transductive", "top", "gated", "auto"]
     first = apply_rules(names, m, p)
     again = apply_rules(names, m, p)  # deterministic
     for n in names:
@@ -206,67 +206,42 @@ def test_rules_read_no_truth():
     assert not any(a.shape == truth.shape and (a == truth).all() for a in received)
 
 
-def test_label_spreading_matches_the_propagation_labeler():
-    """One label-spreading code path: seeded one-hot on the labeled rows it reproduces 02_pseudo's
-    propagation labeler on the same graph."""
-    import torch
+def oof_correct_on(y, n_correct, c):
+    """One-hot OOF probabilities right on the first n_correct rows, wrong (y+1) on the rest."""
+    pred = np.where(np.arange(len(y)) < n_correct, y, (y + 1) % c)
+    return np.eye(c, dtype=np.float32)[pred]
 
-    from src.config import PseudoCfg
-    from src.neighbors import knn_graph, label_spreading, propagation_matrix
-    from src.pseudo.labelers import LABELERS, LabelingContext, normalize_rows
 
+def test_top_rule_keeps_the_members_within_one_standard_error():
+    y = np.arange(30) % 5
+    oof = [oof_correct_on(y, n, 5) for n in (27, 26, 24)]  # LOO 0.90, 0.867, 0.80; se at 0.9: 0.0548
     rng = np.random.default_rng(0)
-    centres = normalize_rows(rng.normal(size=(3, 8)))
-    y_all = rng.integers(0, 3, 120)
-    x = normalize_rows(centres[y_all] + 0.4 * rng.normal(size=(120, 8)))
-    labeled = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8])
-    labeled = labeled[np.argsort(y_all[labeled], kind="stable")]
-    cfg = PseudoCfg(knn_k=8)
-    ctx = LabelingContext(x, labeled, y_all[labeled], 3, cfg, torch.device("cpu"), 0)
-    want = LABELERS.get("propagation")(ctx)
-    s = propagation_matrix(x, cfg.knn_k, cfg.propagation_gamma)
-    seeds = np.zeros((120, 3))
-    seeds[labeled, y_all[labeled]] = 1.0
-    got = label_spreading(s, seeds, cfg.propagation_alpha, cfg.propagation_iters)
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    assert np.array_equal(knn_graph(x, 8)[1], ctx.graph()[1])
+    probs = [rng.dirichlet(np.ones(5), 50).astype(np.float32) for _ in range(3)]
+    m = Members(["a", "b", "c"], oof, probs, y, [False] * 3)
+    out = RULES["top"](m, RuleParams())
+    np.testing.assert_allclose(out.weights, [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(out.test, (probs[0] + probs[1]) / 2, atol=1e-6)
+    assert "a, b" in out.note
+    # nested CV: row 0 (right for every member) is combined over the set chosen without it:
+    # a 26/29, b 25/29, c 23/29, se at 26/29 = 0.0566 -> a, b again
+    np.testing.assert_allclose(out.oof[0], (oof[0][0] + oof[1][0]) / 2, atol=1e-6)
 
 
-def test_propagate_rule_smooths_over_the_graph_and_holds_out_the_scored_image():
-    """Two clusters on a chain graph; one member is wrong on two test images of cluster A: one more
-    propagation pass puts them back with their neighbours. LOO: image i is not among the seeds."""
-    import scipy.sparse as sp
-
-    from src.ensemble import Graph, propagated
-    from src.neighbors import normalized_adjacency
-
-    n = 40  # rows 0..19 cluster A (class 0), 20..39 cluster B (class 1); chains within each cluster
-    edges = [(i, i + 1) for i in range(19)] + [(i, i + 1) for i in range(20, 39)]
-    w = sp.coo_matrix((np.ones(len(edges)), tuple(np.array(edges).T)), shape=(n, n)).tocsr()
-    s = normalized_adjacency((w + w.T).tocsr())
-    labeled = np.array([0, 1, 20, 21])
-    y = np.array([0, 0, 1, 1])
-    test = np.array([5, 6, 7, 8, 25, 26, 27, 28])
-    probs = np.array([[0.9, 0.1], [0.3, 0.7], [0.35, 0.65], [0.9, 0.1],
-                      [0.1, 0.9], [0.1, 0.9], [0.2, 0.8], [0.1, 0.9]], np.float32)  # 6 and 7 wrong
-    oof = np.array([[0.8, 0.2], [0.7, 0.3], [0.2, 0.8], [0.3, 0.7]], np.float32)
-    m = Members(["a"], [oof], [probs], y, [True], graph=Graph(s, labeled, test, alpha=0.99, iters=50))
-    base = RULES["mean"](m, RuleParams())
-    out = propagated(base, m, RuleParams(propagate_weight=0.1))
-    assert (base.test.argmax(1) == [0, 1, 1, 0, 1, 1, 1, 1]).all()
-    assert (out.test.argmax(1) == [0, 0, 0, 0, 1, 1, 1, 1]).all()
-    np.testing.assert_allclose(out.test.sum(1), 1, atol=1e-5)
-    # LOO row 0: spread from the other labeled images, row 0 seeded with its own OOF prediction only
-    g = m.graph
-    seeds = np.zeros((n, 2))
-    seeds[labeled[1:], y[1:]] = 1.0
-    seeds[test] += 0.1 * probs
-    seeds[0] += 0.1 * oof[0]
-    from src.neighbors import label_spreading
-
-    np.testing.assert_allclose(out.oof[0], label_spreading(s, seeds, 0.99, 50)[0], atol=1e-6)
-    assert g.spread(y, probs, 0.1, held_out=0)[0].argmax() == 0  # its cluster still carries class 0
-    with pytest.raises(UserError, match=r"ensemble.method: unknown rule 'mean\+smooth'"):
-        apply_rules(["mean+smooth"], m, RuleParams())
-    with pytest.raises(UserError, match="no kNN graph"):
-        apply_rules(["mean+propagate"], Members(["a"], [oof], [probs], y, [True]), RuleParams())
+def test_gated_rule_is_the_mean_when_members_agree_else_the_preferred_member():
+    rng = np.random.default_rng(1)
+    y = np.arange(30) % 3
+    base = rng.dirichlet(np.ones(3), 100).astype(np.float32)
+    near = base.copy()
+    near[:5] = near[:5, ::-1]  # agrees with base on >= 95% of rows
+    oof = [oof_correct_on(y, 20, 3)] * 2
+    m = Members(["pt_map", "knn"], oof, [base, near], y, [True, False])
+    p = RuleParams(preferred=["propagation", "pt_map"], gate_agreement=0.9)
+    np.testing.assert_allclose(RULES["gated"](m, p).test, RULES["mean"](m, p).test)
+    far = rng.dirichlet(np.ones(3), 100).astype(np.float32)  # agrees ~1/3 of the time
+    m2 = Members(["pt_map", "knn"], oof, [base, far], y, [True, False])
+    out = RULES["gated"](m2, p)
+    np.testing.assert_array_equal(out.test, base)
+    np.testing.assert_array_equal(out.weights, [1, 0])
+    assert "< 0.9: fixed member pt_map" in out.note
+    with pytest.raises(UserError, match="ensemble.preferred: none of nope"):
+        RULES["gated"](m2, RuleParams(preferred=["nope"], gate_agreement=1.0))

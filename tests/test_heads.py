@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from src.config import BackboneCfg, HeadsCfg
-from src.heads import HEADS, compute_prototypes
-from src.heads.protonet import sinkhorn_balance
+from src.heads import HEADS
+from src.transductive import compute_prototypes, sinkhorn_balance
 
 
 def blobs(rng, n_per_class, n_classes=5, dim=16, noise=0.9, means=None):

@@ -23,7 +23,7 @@ def prepare(comp, tmp_path, capsys, *extra):
 
 def assert_no_cache(tmp_path):
     stage = tmp_path / "runs" / "t" / "00_prepare"
-    for name in ("images.npy", "index.csv", "report.json", "_done.json"):
+    for name in ("images.npy", "index.csv", "classes.json", "report.json", "_done.json"):
         assert not (stage / name).exists(), name
     if stage.exists():
         assert not [p for p in stage.iterdir() if p.name.startswith(".")], "temporary file left behind"

@@ -9,11 +9,11 @@ from src import io
 from src.config import BackboneCfg, Config, PseudoCfg, load_config
 from src.errors import UserError
 from src.neighbors import affinity_matrix, kmeans, knn_graph, knn_search, normalized_adjacency
-from src.pseudo.labelers import (LABELERS, LabelingContext, center_normalize, check_classes,
-                                 map_clusters_to_classes)
+from src.pseudo.labelers import LABELERS, LabelingContext, check_classes, map_clusters_to_classes
 from src.pseudo.report import precision_at_coverage
 from src.pseudo.selection import (SelfAdaptiveThreshold, combine, distribution_alignment, freematch_thresholds,
                                   pseudo_label, select_freematch, select_threshold, select_topk)
+from src.transductive import center_normalize
 
 CPU = torch.device("cpu")
 

@@ -102,8 +102,8 @@ def redraw_run(truth_comp, tmp_path):  # noqa: F811
                            "pseudo.knn_k=10", "cv.stack_max_pseudo=100"])
 
 
-MEMBERS = ["protonet", "knn", "pseudo_propagation"]
-RULES = ["mean", "best", "agreement", "transductive", "auto"]
+MEMBERS = ["protonet", "knn", "propagation"]
+RULES = ["mean", "best", "agreement", "transductive", "preferred", "top", "gated", "auto"]
 
 
 def test_redraws_never_show_truth_to_members_or_rules(redraw_run, monkeypatch):

@@ -25,7 +25,8 @@ from src.train_utils import (LARS, Checkpointer, cosine_ramp, ema_update, lr_ran
                              warmup_cosine)
 from src.runtime import REPO_ROOT
 
-TINY = dict(proj_hidden=32, proj_dim=16, dino_out_dim=64, dino_bottleneck=16)
+TINY = dict(proj_hidden=32, proj_dim=16, dino_out_dim=64, dino_bottleneck=16, swav_prototypes=16,
+            deepcluster_prototypes=[4, 3])
 RESNET = BackboneCfg(name="resnet18", width=4, stem_width=8, small_stem=False)
 
 
@@ -149,9 +150,10 @@ def test_every_objective_trains(backbone, objective):
     views = [aug(images, g), aug(images, g)]
     local = [GpuAugment(16 if "resnet" in backbone.name else 32, crop_scale=(0.05, 0.3))(images, g) for _ in range(2)]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.on_epoch_start(0, images.numpy())  # deepcluster: k-means targets
     losses = []
     for _ in range(5):
-        loss, _ = model(views, local if model.uses_local else [])
+        loss, _ = model(views, local if model.uses_local else [], rows=torch.arange(len(images)))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -293,7 +295,8 @@ def test_stage_outputs_and_resume(prepared, monkeypatch):
     monkeypatch.setattr(Ckpt, "save", original)
     steps = []
     real_step = trainer.SSLRun.step
-    monkeypatch.setattr(trainer.SSLRun, "step", lambda self, v, lv, g: steps.append(g) or real_step(self, v, lv, g))
+    monkeypatch.setattr(trainer.SSLRun, "step",
+                        lambda self, v, lv, g, *r: steps.append(g) or real_step(self, v, lv, g, *r))
     summary = run_stage(get_stage("ssl"), cfg)
     assert steps == [4, 5]  # only epoch 3 (global steps 4, 5) was trained again
     assert io.read_json(paths.stage("ssl") / "meta.json")["resumed"] is True

@@ -12,6 +12,7 @@ Every problem raises :class:`UserError` with one line naming the file and the pr
 from __future__ import annotations
 
 import hashlib
+import re
 import shutil
 import tarfile
 import zipfile
@@ -84,39 +85,96 @@ def _check_member(archive: Path, root: Path, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# CSVs and ids
+# CSVs, ids and labels
 # ---------------------------------------------------------------------------------------------
+# A label is an integer when its text is a canonical integer ("3", "-1", "+7", "3.0" as pandas writes
+# float columns); anything else is a class name, kept verbatim (stripped of surrounding spaces):
+# "007" and "cat" are names, so a name is never rewritten when it goes back into the submission.
+_INT_LABEL = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.0+)?")
+
+
+def parse_label(text: str) -> int | str:
+    """CSV text of one label -> int (integer classes) or str (class names); '' stays ''."""
+    text = str(text).strip()
+    return int(text.split(".")[0]) if _INT_LABEL.fullmatch(text) else text
+
+
+def label_kind(values) -> str:
+    """'int' or 'name' for a parsed label column (after :func:`read_label_table`)."""
+    return "int" if pd.api.types.is_integer_dtype(pd.Series(values).dtype) else "name"
+
+
+def kind_word(kind: str) -> str:
+    return "integers" if kind == "int" else "class names"
+
+
+def read_label_table(path: Path, columns: tuple[str, ...] = ("image_id", "label")) -> pd.DataFrame:
+    """A CSV with an image_id and a label column (extra columns kept) -> DataFrame with image_id
+    (str) and label parsed by :func:`parse_label`: int64 when every label is an integer, str (object)
+    when every label is a name. Empty or mixed labels raise UserError naming the file and a row.
+    Every reader of a label column goes through here, so "007" stays "007" and 3 stays 3."""
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str, "label": str}, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (expected {','.join(columns)})")
+    if "label" in frame.columns:
+        frame["label"] = parse_labels(frame["label"], frame["image_id"], path)
+    return frame.reset_index(drop=True)
+
+
+def parse_labels(text: pd.Series, ids: pd.Series, path: Path) -> pd.Series:
+    """Label texts -> int64 (all integers) or str (all names); UserError on an empty or mixed column."""
+    parsed = [parse_label(t) for t in text]
+    empty = [i for i, v in enumerate(parsed) if v == ""]
+    if empty:
+        raise UserError(f"{path}: empty label of '{ids.iloc[empty[0]]}' on line {empty[0] + 2}")
+    is_int = np.array([isinstance(v, int) for v in parsed], dtype=bool)
+    if is_int.all():
+        return pd.Series(parsed, index=text.index, dtype=np.int64)
+    if is_int.any():  # name the first label of the minority kind: that is the likely typo
+        odd = is_int if is_int.sum() <= (~is_int).sum() else ~is_int
+        row = int(np.flatnonzero(odd)[0])
+        kind, other = ("an integer", "class names") if is_int[row] else ("a class name", "integers")
+        raise UserError(f"{path}: label '{parsed[row]}' of '{ids.iloc[row]}' is {kind} but {int((~odd).sum())} "
+                        f"other label(s) are {other} (mixed label types: use all integers or all class names)")
+    return pd.Series(parsed, index=text.index, dtype=object)
+
+
 def check_id(path: Path, image_id: str) -> None:
     if not image_id or "/" in image_id or "\\" in image_id or ".." in image_id or image_id.startswith("."):
         raise UserError(f"{path}: invalid image_id '{image_id}' (path separators, '..' and leading '.' are refused)")
 
 
 def read_id_label_csv(path: Path, need_labels: bool = True) -> pd.DataFrame:
-    """image_id,label CSV -> DataFrame(image_id: str, label: int). Validates ids and duplicates."""
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        frame = pd.read_csv(path, dtype={"image_id": str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in ("image_id", "label") if c not in frame.columns]
-    if missing:
-        raise UserError(f"{path}: missing column(s) {', '.join(missing)} (expected image_id,label)")
-    frame = frame[["image_id", "label"]].copy()
-    if frame["image_id"].isna().any():
-        raise UserError(f"{path}: empty image_id on line {int(frame['image_id'].isna().idxmax()) + 2}")
+    """image_id,label CSV -> DataFrame(image_id: str, label). Validates ids and duplicates. Labels are
+    parsed (int64 or str, see :func:`read_label_table`) unless need_labels is False: then they stay
+    the file's text (sample_submission.csv holds placeholders)."""
+    if need_labels:
+        frame = read_label_table(path)[["image_id", "label"]].copy()
+    else:
+        if not path.is_file():
+            raise UserError(f"{path}: file not found")
+        try:
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+        missing = [c for c in ("image_id", "label") if c not in frame.columns]
+        if missing:
+            raise UserError(f"{path}: missing column(s) {', '.join(missing)} (expected image_id,label)")
+        frame = frame[["image_id", "label"]].copy()
+    empty = frame["image_id"] == ""
+    if empty.any():
+        raise UserError(f"{path}: empty image_id on line {int(np.flatnonzero(empty.to_numpy())[0]) + 2}")
     for image_id in frame["image_id"]:
         check_id(path, image_id)
     dup = frame["image_id"][frame["image_id"].duplicated()]
     if len(dup):
         raise UserError(f"{path}: duplicate image_id '{dup.iloc[0]}' ({len(dup)} duplicate row(s))")
-    if need_labels:
-        labels = pd.to_numeric(frame["label"], errors="coerce")
-        bad = labels.isna() | (labels != labels.round())
-        if bad.any():
-            row = int(bad.idxmax())
-            raise UserError(f"{path}: label '{frame['label'][row]}' of '{frame['image_id'][row]}' is not an integer class")
-        frame["label"] = labels.astype(np.int64)
     return frame.reset_index(drop=True)
 
 
@@ -131,6 +189,29 @@ def list_images(split_dir: Path) -> dict[str, Path]:
                 raise UserError(f"{p}: duplicate image_id '{p.stem}' (also {files[p.stem].name})")
             files[p.stem] = p
     return files
+
+
+def image_file(files: dict[str, Path], image_id: str) -> Path | None:
+    """The file of a listed id: the id is the file name without extension (train_00042), or the
+    file name itself (train_00042.jpg, as many Kaggle CSVs list them) when that file exists."""
+    if image_id in files:
+        return files[image_id]
+    p = files.get(Path(image_id).stem)
+    return p if p is not None and p.name == image_id else None
+
+
+def resolve_ids(path: Path, ids: pd.Series, files: dict[str, Path], split_dir: Path) -> list[Path]:
+    """Files of the ids listed in `path`; UserError for an id without an image or two ids of one file."""
+    found = [image_file(files, i) for i in ids]
+    missing = [i for i, f in zip(ids, found) if f is None]
+    if missing:
+        raise UserError(f"{path}: image_id '{missing[0]}' has no image in {split_dir} ({len(missing)} missing)")
+    seen: dict[Path, str] = {}
+    for i, f in zip(ids, found):
+        if f in seen:
+            raise UserError(f"{path}: image_id '{i}' and '{seen[f]}' are the same image {f.name}")
+        seen[f] = i
+    return found
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The prepared data every later stage reads: a uint8 image cache plus an index table."""
+"""The prepared data every later stage reads: a uint8 image cache, an index table and the classes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,29 +8,52 @@ import numpy as np
 import pandas as pd
 
 from src import io
+from src.data.competition import parse_label
 from src.errors import UserError
 from src.paths import RunPaths
 
 
+def class_array(values: list) -> np.ndarray:
+    """Class labels as an array: int64 for integer classes, object (str) for class names, so that
+    ``classes[ids]`` gives the submission's labels and a longer name is never truncated."""
+    return np.array(values, dtype=np.int64 if all(isinstance(v, (int, np.integer)) for v in values) else object)
+
+
+def encode_labels(values, classes: np.ndarray, where: str) -> np.ndarray:
+    """Original labels (ints, names, or their CSV text) -> class ids 0..C-1 (int64). UserError naming
+    `where` when a label is not one of `classes` (an unseen name, or names against integer classes)."""
+    lookup = {c: i for i, c in enumerate(np.asarray(classes).tolist())}
+    ids = np.empty(len(values), dtype=np.int64)
+    for n, v in enumerate(values):
+        key = parse_label(v) if isinstance(v, str) else int(v)
+        if key not in lookup:
+            raise UserError(f"{where}: label '{v}' is not one of the classes {list(lookup)}")
+        ids[n] = lookup[key]
+    return ids
+
+
 @dataclass
 class CompetitionData:
-    """images[i] belongs to index.iloc[i]. Splits: train (labeled or label -1), val, test.
+    """images[i] belongs to index.iloc[i]. Splits: train (labeled or not), val, test.
 
     images: uint8 (N, H, W, 3) RGB, memory-mapped from 00_prepare/images.npy.
     index:  DataFrame with image_id (str), split (str), label (int, -1 when unknown).
+    names:  the class labels (sorted ints or sorted names) from 00_prepare/classes.json; then
+            index["label"] holds class ids 0..C-1. None (caches written before classes.json, and
+            tests): index["label"] holds the integer labels themselves.
     """
 
     images: np.ndarray
     index: pd.DataFrame
-
-    @cached_property
-    def labels(self) -> np.ndarray:
-        return self.index["label"].to_numpy(np.int64)
+    names: list | None = None
 
     @cached_property
     def classes(self) -> np.ndarray:
-        """Sorted class labels present among the labeled images (C,)."""
-        return np.unique(self.labels[self.labeled_idx])
+        """Sorted class labels (C,): int64 or str (object). classes[class_id] is the label to submit."""
+        if self.names is not None:
+            return class_array(self.names)
+        labels = self.index["label"].to_numpy(np.int64)
+        return np.unique(labels[self.labeled_idx])
 
     @property
     def n_classes(self) -> int:
@@ -52,9 +75,18 @@ class CompetitionData:
 
     @cached_property
     def class_ids(self) -> np.ndarray:
-        """labels mapped to 0..C-1 (-1 stays -1): what losses and heads use as targets."""
-        lookup = {c: i for i, c in enumerate(self.classes.tolist())}
-        return np.array([lookup.get(int(v), -1) for v in self.labels], dtype=np.int64)
+        """Class id 0..C-1 of every row (-1 unknown): what losses and heads use as targets."""
+        labels = self.index["label"].to_numpy(np.int64)
+        if self.names is not None:
+            return labels
+        out = np.full(len(labels), -1, np.int64)
+        out[self.labeled_idx] = encode_labels(labels[self.labeled_idx], self.classes, "index.csv")
+        return out
+
+    def encode(self, labels, where: str) -> np.ndarray:
+        """Original labels (from a labels/truth CSV read with src.data.competition.read_label_table,
+        or values of self.classes) -> class ids (int64); UserError naming `where` for an unknown class."""
+        return encode_labels(labels, self.classes, where)
 
     @property
     def test_ids(self) -> list[str]:
@@ -65,7 +97,8 @@ def load_data(paths: RunPaths, mmap: bool = True) -> CompetitionData:
     if not paths.images.exists() or not paths.index.exists():
         raise UserError(f"{paths.images}: prepared data not found (run pipelines/00_prepare.py first)")
     images = io.read_npy(paths.images, mmap=mmap)
-    index = pd.read_csv(paths.index, dtype={"image_id": str, "split": str})
+    index = pd.read_csv(paths.index, dtype={"image_id": str, "split": str}, keep_default_na=False)
     if len(index) != len(images):
         raise UserError(f"{paths.index}: {len(index)} rows but {len(images)} images in {paths.images}")
-    return CompetitionData(images=images, index=index)
+    names = io.read_json(paths.classes)["classes"] if paths.classes.exists() else None
+    return CompetitionData(images=images, index=index, names=names)

@@ -11,8 +11,9 @@ from tqdm import tqdm
 
 from src import io
 from src.config import Config
+from src.data import near_duplicates
 from src.data.competition import (LABEL_FILES, DecodeStats, content_hash, decode_image, extract_archive,
-                                  list_images, read_id_label_csv)
+                                  kind_word, label_kind, list_images, parse_label, read_id_label_csv, resolve_ids)
 from src.errors import UserError
 from src.paths import RunPaths
 
@@ -27,13 +28,14 @@ def ensure_competition_folder(cfg: Config) -> Path:
     if cfg.data.archive:
         print(f"extracting {cfg.data.archive} -> {folder}")
         return extract_archive(cfg.data.archive, folder)
-    if cfg.data.builder == "digits":
+    if cfg.data.builder in ("digits", "digits_names"):
         from src.data.digits import build_digits
 
         truth = Path(cfg.data.truth) if cfg.data.truth else folder.with_name(folder.name + "_truth.csv")
-        return build_digits(folder, truth, n_test=cfg.data.demo_test_size, seed=0)
+        return build_digits(folder, truth, n_test=cfg.data.demo_test_size, seed=0,
+                            names=cfg.data.builder == "digits_names")
     if cfg.data.builder:
-        raise UserError(f"data.builder: unknown builder '{cfg.data.builder}' (known: digits)")
+        raise UserError(f"data.builder: unknown builder '{cfg.data.builder}' (known: digits, digits_names)")
     raise UserError(f"{folder}: competition folder not found (set data.path, data.archive or data.builder)")
 
 
@@ -48,29 +50,25 @@ def prepare(cfg: Config, paths: RunPaths) -> dict:
         raise UserError(f"{folder / 'test'}: no test images")
     if sample.empty:
         raise UserError(f"{folder / 'sample_submission.csv'}: no rows")
-    for split, frame in labels.items():
-        missing = frame.loc[~frame["image_id"].isin(files[split].keys()), "image_id"]
-        if len(missing):
-            raise UserError(f"{folder / LABEL_FILES[split]}: image_id '{missing.iloc[0]}' has no image in "
-                            f"{folder / split} ({len(missing)} missing)")
-    missing = sample.loc[~sample["image_id"].isin(files["test"].keys()), "image_id"]
-    if len(missing):
-        raise UserError(f"{folder / 'sample_submission.csv'}: image_id '{missing.iloc[0]}' has no image in "
-                        f"{folder / 'test'} ({len(missing)} missing)")
-    classes = set(labels["train"]["label"].tolist())
-    if not classes:
-        raise UserError(f"{folder / 'train_labels.csv'}: no labeled images")
-    bad = labels["val"].loc[~labels["val"]["label"].isin(classes)]
-    if len(bad):
-        raise UserError(f"{folder / 'val_labels.csv'}: label {bad['label'].iloc[0]} of '{bad['image_id'].iloc[0]}' "
-                        f"is not one of the classes present in train_labels.csv ({sorted(classes)})")
+    listed = {split: resolve_ids(folder / LABEL_FILES[split], frame["image_id"], files[split], folder / split)
+              for split, frame in labels.items()}
+    test_files = resolve_ids(folder / "sample_submission.csv", sample["image_id"], files["test"], folder / "test")
+    classes, notes = check_classes(folder, labels, sample)
 
-    # Row order: train (sorted ids), val (sorted ids), test (sample_submission order).
+    # Row order: train (sorted files), val (sorted files), test (sample_submission order). Listed
+    # images keep the id their CSV gives; unlisted train images use the same style (with or without
+    # the extension) as the labeled ones.
+    class_id = {c: i for i, c in enumerate(classes)}
     rows = []
     for split in ("train", "val"):
-        lab = dict(zip(labels[split]["image_id"], labels[split]["label"]))
-        rows += [(i, split, int(lab.get(i, -1)), files[split][i]) for i in sorted(files[split])]
-    rows += [(i, "test", -1, files["test"][i]) for i in sample["image_id"]]
+        frame = labels[split]
+        lab = {f: class_id[c] for f, c in zip(listed[split], frame["label"])}
+        id_of = dict(zip(listed[split], frame["image_id"]))
+        with_ext = any(i != f.stem for f, i in id_of.items())
+        for stem in sorted(files[split]):
+            f = files[split][stem]
+            rows.append((id_of.get(f, f.name if with_ext else stem), split, lab.get(f, -1), f))
+    rows += [(i, "test", -1, f) for i, f in zip(sample["image_id"], test_files)]
     unlisted_test = len(files["test"]) - len(sample)
 
     stats = DecodeStats()
@@ -96,23 +94,59 @@ def prepare(cfg: Config, paths: RunPaths) -> dict:
     images, index = images[keep], index[keep].reset_index(drop=True)
     hashes = [h for h, k in zip(hashes, keep) if k]
     duplicates = find_duplicates(index, hashes)
+    near = None
+    if cfg.dedup.hash:  # perceptual hashes of the decoded images: no encoder exists yet
+        pairs, near = near_duplicates.find(images, index, cfg.dedup.hash_distance, cfg.dedup.neighbors)
     io.write_npy(paths.images, images)
     io.write_csv(paths.index, index)
+    io.write_json(paths.classes, {"classes": classes, "kind": label_kind(labels["train"]["label"])})
+    if near is not None:
+        io.write_csv(paths.near_duplicate_pairs("prepare"), near_duplicates.pair_table(pairs, index))
+        io.write_json(paths.near_duplicates("prepare"), near)
 
     counts = index.groupby("split").size().to_dict()
     report = {
         "folder": str(folder),
         "counts": {s: int(counts.get(s, 0)) for s in ("train", "val", "test")},
-        "labeled_per_class": {str(k): int(v) for k, v in index[index["label"] >= 0].groupby("label").size().items()},
+        "classes": classes,
+        "labeled_per_class": {str(classes[k]): int(v) for k, v in
+                              index[index["label"] >= 0].groupby("label").size().items()},
         "unlabeled_train": int(((index["split"] == "train") & (index["label"] < 0)).sum()),
         "modes": dict(stats.modes), "sizes": dict(stats.sizes), "converted": stats.converted,
         "corrupt": len(stats.corrupt), "corrupt_files": stats.corrupt[:50], "unlisted_test_images": unlisted_test,
-        "duplicates": duplicates, "seconds": round(time.perf_counter() - t0, 2),
+        "duplicates": duplicates, "notes": notes,
+        "near_duplicates": None if near is None else {k: v for k, v in near.items() if k != "largest_groups"},
+        "seconds": round(time.perf_counter() - t0, 2),
     }
     io.write_json(paths.data_report, report)
     print_report(report)
     return {k: report[k] for k in ("counts", "corrupt", "converted", "seconds")} | {
-        "duplicate_groups": duplicates["groups"]}
+        "duplicate_groups": duplicates["groups"], "near_duplicate_pairs": None if near is None else near["pairs"]}
+
+
+def check_classes(folder: Path, labels: dict[str, pd.DataFrame], sample: pd.DataFrame) -> tuple[list, list[str]]:
+    """The sorted class set of train_labels.csv (ints or names); validation labels must be of the
+    same kind and among them. Returns (classes, notes): a note when sample_submission.csv's label
+    placeholders are of the other kind (the submission writes the classes' own labels)."""
+    train, val = labels["train"]["label"], labels["val"]["label"]
+    if train.empty:
+        raise UserError(f"{folder / 'train_labels.csv'}: no labeled images")
+    kind = label_kind(train)
+    if not val.empty and label_kind(val) != kind:
+        raise UserError(f"{folder / 'val_labels.csv'}: labels are {kind_word(label_kind(val))} but train_labels.csv "
+                        f"has {kind_word(kind)} (e.g. '{val.iloc[0]}' vs '{train.iloc[0]}')")
+    classes = sorted(set(train.tolist()))
+    bad = labels["val"].loc[~val.isin(classes)]
+    if len(bad):
+        raise UserError(f"{folder / 'val_labels.csv'}: label {bad['label'].iloc[0]} of '{bad['image_id'].iloc[0]}' "
+                        f"is not one of the classes present in train_labels.csv ({classes})")
+    notes = []
+    placeholders = [parse_label(t) for t in sample["label"] if str(t).strip()]
+    kinds = {"int" if isinstance(v, int) else "name" for v in placeholders}
+    if len(kinds) == 1 and kinds != {kind}:  # informative (one kind) and not the classes' kind
+        notes.append(f"sample_submission.csv labels are {kind_word(kinds.pop())} but the classes are "
+                     f"{kind_word(kind)}; the submission writes the classes ({classes[:3]}...)")
+    return [c if isinstance(c, str) else int(c) for c in classes], notes
 
 
 def find_duplicates(index: pd.DataFrame, hashes: list[str]) -> dict:
@@ -140,10 +174,15 @@ def find_duplicates(index: pd.DataFrame, hashes: list[str]) -> dict:
 def print_report(report: dict) -> None:
     c = report["counts"]
     print(f"data: train {c['train']} (unlabeled {report['unlabeled_train']}), val {c['val']}, test {c['test']}")
-    print(f"labeled per class: {report['labeled_per_class']}")
+    kind = "integer" if all(isinstance(c, int) for c in report["classes"]) else "named"
+    print(f"{len(report['classes'])} {kind} classes; labeled per class: {report['labeled_per_class']}")
     print(f"modes {report['modes']}  sizes {report['sizes']}  converted {report['converted']}  "
           f"corrupt {report['corrupt']}  unlisted test images {report['unlisted_test_images']}")
     d = report["duplicates"]
     print(f"exact duplicates: {d['groups']} groups ({d['images']} images); within split {d['within_split']}; "
           f"across splits {d['across_splits']}; label conflicts {d['label_conflicts']}")
+    if report["near_duplicates"] is not None:
+        print(near_duplicates.format_summary(report["near_duplicates"]))
+    for note in report["notes"]:
+        print(f"note: {note}")
     print(f"prepared in {report['seconds']:.1f}s")

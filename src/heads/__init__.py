@@ -10,8 +10,14 @@
 * ``query_x`` float32 (Q, D) | None: the unlabeled test embeddings, for transductive heads.
 * ``support_weight`` float (S,) | None: per-row weight (1 for labeled images, the confidence for
   pseudo-labeled ones).
+* Heads with ``uses_context`` accept a :class:`src.transductive.TransductiveContext` (the embeddings
+  of every image; set ``head.context``): they then take int row indices into it in place of
+  ``support_x``, ``query_x`` and ``x``, and reuse its preprocessed features and kNN graph.
 
-Registered heads: protonet, protonet_transductive, knn, cosine_finetune, logreg.
+Registered heads: protonet, protonet_transductive, knn, cosine_finetune, logreg, and the transductive
+heads of src/heads/transductive.py: propagation (over the kNN graph of all images), pt_map, tim,
+laplacianshot, bd_cspn. Shared numerics (prototypes, normalisation, softmax, Sinkhorn) live in
+src/transductive.
 """
 from __future__ import annotations
 
@@ -19,6 +25,9 @@ import numpy as np
 
 from src.config import HeadsCfg
 from src.registry import Registry
+# The shared numerics live in src/transductive (also used by the pseudo-labelers); re-exported here
+# because every head module needs them.
+from src.transductive import compute_prototypes, l2_normalize, prototype_logits, softmax  # noqa: F401
 
 HEADS = Registry("head")
 
@@ -28,6 +37,13 @@ class Head:
 
     transductive = False  # uses query_x in fit
     runs_encoder = False  # takes uint8 images instead of embeddings
+    uses_context = False  # accepts a TransductiveContext (make_head sets it; then takes row indices)
+    context = None  # src.transductive.TransductiveContext | None
+
+    @property
+    def takes_rows(self) -> bool:
+        """True when inputs are row indices into self.context.x instead of embeddings."""
+        return self.context is not None
 
     def __init__(self, cfg: HeadsCfg):
         self.cfg = cfg
@@ -44,7 +60,10 @@ class Head:
         self.n_classes = int(n_classes)
         self.present = np.bincount(y, minlength=n_classes) > 0
         w = np.ones(len(y), np.float32) if support_weight is None else np.asarray(support_weight, np.float32)
-        x = support_x if self.runs_encoder else np.asarray(support_x, dtype=np.float32)
+        if self.takes_rows:
+            x = np.asarray(support_x, dtype=np.int64)
+        else:
+            x = support_x if self.runs_encoder else np.asarray(support_x, dtype=np.float32)
         return x, y, w
 
     def fit(self, support_x, support_y, n_classes: int, query_x=None, support_weight=None) -> "Head":
@@ -54,42 +73,5 @@ class Head:
         raise NotImplementedError
 
 
-def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
-
-
-def masked_softmax(logits: np.ndarray, present: np.ndarray) -> np.ndarray:
-    """Row softmax over the present classes; absent classes get exactly 0. (Q, C) float32."""
-    z = np.asarray(logits)
-    if not present.all():
-        z = np.where(present[None, :], z, -np.inf)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    e /= e.sum(axis=1, keepdims=True)
-    return e.astype(np.float32, copy=False)
-
-
-def compute_prototypes(x: np.ndarray, y: np.ndarray, n_classes: int, weight: np.ndarray | None = None,
-                       cosine: bool = True) -> np.ndarray:
-    """Class prototypes (C, D): the (weighted) mean of each class's support embeddings (Snell et al.
-    2017). cosine=True averages L2-normalised rows and re-normalises the mean. Absent classes: 0."""
-    x = l2_normalize(x) if cosine else np.asarray(x, np.float32)
-    w = np.ones(len(y), np.float32) if weight is None else np.asarray(weight, np.float32)
-    onehot = np.zeros((len(y), n_classes), np.float32)
-    onehot[np.arange(len(y)), y] = w
-    sums = onehot.T @ x  # (C, D)
-    protos = sums / np.maximum(onehot.sum(0), 1e-12)[:, None]
-    return l2_normalize(protos) if cosine else protos
-
-
-def prototype_logits(x: np.ndarray, protos: np.ndarray, cosine: bool, temperature: float) -> np.ndarray:
-    """cosine: temperature * cos(x, p); euclidean: -||x - p||^2 (Snell et al. 2017). (Q, C)."""
-    x = np.asarray(x, np.float32)
-    if cosine:
-        return temperature * (l2_normalize(x) @ protos.T)
-    d2 = (x * x).sum(1, keepdims=True) - 2 * x @ protos.T + (protos * protos).sum(1)[None, :]
-    return -d2
-
-
 # Register the heads (imports at the bottom: the modules import HEADS and Head from here).
-from src.heads import protonet, knn, cosine_finetune, logreg  # noqa: E402,F401
+from src.heads import protonet, knn, cosine_finetune, logreg, transductive  # noqa: E402,F401

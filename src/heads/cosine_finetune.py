@@ -25,8 +25,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from src.heads import HEADS, Head, compute_prototypes, l2_normalize, masked_softmax
+from src.heads import HEADS, Head
 from src.runtime import autocast
+from src.transductive import (Adam, class_balanced_targets, compute_prototypes, info_objective, l2_normalize,
+                              softmax)
 
 NEG = -1e4  # logit of a class absent from the support
 
@@ -40,52 +42,12 @@ def cosine_softmax_grads(W: np.ndarray, b: np.ndarray, xs: np.ndarray, target: n
     weights summing to 1 (see class_balanced_targets). Returns (loss, dW, db)."""
     norm = np.linalg.norm(W, axis=1, keepdims=True)
     wn = W / norm
-    p = masked_softmax(temperature * xs @ wn.T + b, present)
-    logp = np.log(np.maximum(p, 1e-30))
-    loss = float(-(target * logp).sum())
-    g = p * target.sum(1, keepdims=True) - target  # dCE/dz (S, C)
-    gwn = temperature * g.T @ xs
-    gb = g.sum(0)
-    if entropy_weight > 0 and len(xq):
-        pq = masked_softmax(temperature * xq @ wn.T + b, present)
-        lq = np.log(np.maximum(pq, 1e-30))
-        h = -(pq * lq).sum(1, keepdims=True)  # (Q, 1) entropy per query
-        loss += float(entropy_weight * h.mean())
-        gq = -entropy_weight / len(xq) * pq * (lq + h)  # dH/dz_k = -p_k (log p_k + H)
-        gwn += temperature * gq.T @ xq
-        gb = gb + gq.sum(0)
+    logits_q = temperature * xq @ wn.T + b if len(xq) else np.zeros((0, len(b)))
+    loss, g, gq = info_objective(temperature * xs @ wn.T + b, target, logits_q, present, entropy_weight)
+    gwn = temperature * (g.T @ xs + gq.T @ xq)
+    gb = g.sum(0) + gq.sum(0)
     gw = (gwn - wn * (gwn * wn).sum(1, keepdims=True)) / norm  # through the row normalisation
     return loss, gw, gb
-
-
-def class_balanced_targets(y: np.ndarray, w: np.ndarray, n_classes: int) -> np.ndarray:
-    """(S, C) one-hot targets scaled so every present class carries the same total weight and all
-    sum to 1. Unbalanced counts (leave-one-out leaves one class an image short) would otherwise
-    teach the bias b the support's class frequencies, voting against the held-out image's class."""
-    per_class = np.bincount(y, weights=w, minlength=n_classes)
-    n_present = int((per_class > 0).sum())
-    target = np.zeros((len(y), n_classes))
-    target[np.arange(len(y)), y] = w / (per_class[y] * n_present)
-    return target
-
-
-class Adam:
-    """Adam (Kingma & Ba 2015) with torch's defaults, on a list of numpy arrays updated in place."""
-
-    def __init__(self, params: list[np.ndarray], lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.params, self.lr, self.betas, self.eps, self.t = params, lr, betas, eps, 0
-        self.m = [np.zeros_like(p) for p in params]
-        self.v = [np.zeros_like(p) for p in params]
-
-    def step(self, grads: list[np.ndarray]) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        for p, g, m, v in zip(self.params, grads, self.m, self.v):
-            m *= b1
-            m += (1 - b1) * g
-            v *= b2
-            v += (1 - b2) * g * g
-            p -= self.lr * (m / (1 - b1 ** self.t)) / (np.sqrt(v / (1 - b2 ** self.t)) + self.eps)
 
 
 @HEADS.register("cosine_finetune")
@@ -129,7 +91,7 @@ class CosineFinetune(Head):
             return self._predict_encoder(x)
         wn = self.W / np.linalg.norm(self.W, axis=1, keepdims=True)
         logits = self.cfg.finetune_temperature * l2_normalize(x).astype(np.float64) @ wn.T + self.b
-        return masked_softmax(logits, self.present)
+        return softmax(logits, self.present)
 
     # ---- encoder path (torch autograd) ----
     def _features(self, x, train: bool = False, flip: bool = False) -> torch.Tensor:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from src.heads import HEADS, Head, l2_normalize
+from src.heads import HEADS, Head
+from src.transductive import l2_normalize
 
 SELF_MATCH = 1.0 - 1e-5  # cosine above which a pseudo-labeled neighbour is the query itself
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from src.heads import HEADS, Head, l2_normalize
+from src.heads import HEADS, Head
+from src.transductive import l2_normalize
 
 
 @HEADS.register("logreg")

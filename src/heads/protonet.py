@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from src.heads import (HEADS, Head, compute_prototypes, l2_normalize, masked_softmax,
-                       prototype_logits)
+from src.heads import HEADS, Head
+from src.transductive import compute_prototypes, l2_normalize, prototype_logits, sinkhorn_balance, softmax
 
 
 @HEADS.register("protonet")
@@ -25,20 +25,7 @@ class ProtoNet(Head):
 
     def predict_proba(self, x):
         logits = prototype_logits(x, self.prototypes, self.cosine, self.cfg.protonet_temperature)
-        return masked_softmax(logits, self.present)
-
-
-def sinkhorn_balance(resp: np.ndarray, present: np.ndarray, iters: int = 10) -> np.ndarray:
-    """Rescale soft assignments (Q, C) so each present class receives Q / C_present mass and each
-    row sums to 1 (Sinkhorn-Knopp, Cuturi 2013): the prior that test classes are balanced."""
-    r = resp[:, present].astype(np.float64) + 1e-12
-    target = len(r) / present.sum()
-    for _ in range(iters):
-        r *= target / r.sum(0, keepdims=True)
-        r /= r.sum(1, keepdims=True)
-    out = np.zeros_like(resp, dtype=np.float64)
-    out[:, present] = r
-    return out
+        return softmax(logits, self.present)
 
 
 @HEADS.register("protonet_transductive")
@@ -65,7 +52,7 @@ class TransductiveProtoNet(ProtoNet):
         support_sum, support_mass = onehot.T @ x, onehot.sum(0)  # (C, D), (C,): fixed across steps
         for _ in range(self.cfg.transductive_iters):
             logits = prototype_logits(q, self.prototypes, self.cosine, self.cfg.transductive_temperature)
-            resp = masked_softmax(logits, self.present)  # (Q, C)
+            resp = softmax(logits, self.present)  # (Q, C)
             if self.cfg.balanced_prior:
                 resp = sinkhorn_balance(resp, self.present).astype(np.float32)
             mass = support_mass + resp.sum(0)  # (C,)

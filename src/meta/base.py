@@ -90,10 +90,10 @@ class Identity(nn.Module):
 
 
 @torch.no_grad()
-def trunk_features(encoder: nn.Module, images: np.ndarray, rows: np.ndarray, device: torch.device,
-                   batch_size: int = 512, precision: str = "bf16", progress: bool = False) -> torch.Tensor:
-    """Inputs of the encoder's last block for images[rows]: float16 (len(rows), ...) on `device`.
-    The forward stops at the block (a pre-hook raises), so the block itself is never computed."""
+def trunk_forward(encoder: nn.Module, x: torch.Tensor, device: torch.device, precision: str = "bf16") -> torch.Tensor:
+    """Input of the encoder's last block for a normalised batch x (B, 3, S, S): float16 (B, ...).
+    The forward stops at the block (a pre-hook raises), so the block itself is never computed.
+    The caller sets the encoder's mode (eval: running batch-norm statistics)."""
     net = unwrap(encoder).net
     block, _ = last_block_paths(net)
     captured: list[torch.Tensor] = []
@@ -103,19 +103,30 @@ def trunk_features(encoder: nn.Module, images: np.ndarray, rows: np.ndarray, dev
         raise _StopForward
 
     handle = net.get_submodule(block).register_forward_pre_hook(hook)
+    try:
+        with autocast(device, precision):
+            try:
+                encoder(x)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@torch.no_grad()
+def trunk_features(encoder: nn.Module, images: np.ndarray, rows: np.ndarray, device: torch.device,
+                   batch_size: int = 512, precision: str = "bf16", progress: bool = False) -> torch.Tensor:
+    """Inputs of the encoder's last block for images[rows]: float16 (len(rows), ...) on `device`."""
+    captured: list[torch.Tensor] = []
     was_training = encoder.training
     encoder.eval()
     try:
         for start in tqdm(range(0, len(rows), batch_size), desc="trunk features", disable=not progress,
                           mininterval=2):
             batch = torch.from_numpy(np.ascontiguousarray(images[rows[start:start + batch_size]]))
-            with autocast(device, precision):
-                try:
-                    encoder(to_input(batch.to(device)))
-                except _StopForward:
-                    pass
+            captured.append(trunk_forward(encoder, to_input(batch.to(device)), device, precision))
     finally:
-        handle.remove()
         encoder.train(was_training)
     return torch.cat(captured) if captured else torch.zeros(0, device=device, dtype=torch.float16)
 
@@ -134,6 +145,11 @@ class FeatureBank:
             raise KeyError(f"rows not in the feature bank: {np.asarray(rows)[pos < 0][:5].tolist()}")
         return self.feats[torch.from_numpy(pos).to(self.feats.device)].float()
 
+    def task_inputs(self, episode) -> tuple[torch.Tensor, torch.Tensor]:
+        """Body inputs of an episode's support and query rows (src.meta.task_augment computes
+        augmented ones per episode instead)."""
+        return self[episode.support_rows], self[episode.query_rows]
+
 
 @dataclass
 class Task:
@@ -148,8 +164,9 @@ class Task:
 
 
 def make_task(bank: FeatureBank, episode, device: torch.device) -> Task:
-    return Task(bank[episode.support_rows], torch.as_tensor(episode.support_y, device=device),
-                bank[episode.query_rows], torch.as_tensor(episode.query_y, device=device), len(episode.classes))
+    xs, xq = bank.task_inputs(episode)
+    return Task(xs, torch.as_tensor(episode.support_y, device=device), xq,
+                torch.as_tensor(episode.query_y, device=device), len(episode.classes))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,6 +198,7 @@ class MetaMethod(nn.Module):
     """Base class. Subclasses implement ``loss(task)`` (and optionally ``step``) and ``scores``."""
 
     name = "?"
+    task_augment = False  # meta-trains on task-augmented episodes when meta.task_augment is set
 
     def __init__(self, cfg: MetaCfg, body: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32"):
         super().__init__()

@@ -128,6 +128,7 @@ def balanced_weights(y: torch.Tensor, n_classes: int, dtype: torch.dtype = torch
 @META_METHODS.register("maml")
 class MAML(MetaMethod):
     name = "maml"
+    task_augment = True
     first_order: bool | None = None  # None: follow cfg.meta.first_order
     learn_inner_lr = False  # Meta-SGD
 

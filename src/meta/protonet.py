@@ -19,6 +19,7 @@ def squared_distances(hq: torch.Tensor, protos: torch.Tensor) -> torch.Tensor:
 @META_METHODS.register("protonet_episodic")
 class EpisodicProtoNet(MetaMethod):
     name = "protonet_episodic"
+    task_augment = True
 
     def loss(self, task: Task) -> torch.Tensor:
         h = self.features(torch.cat([task.xs, task.xq]))

@@ -59,6 +59,7 @@ class Episode:
     query_rows: np.ndarray  # (N*Q,)
     query_y: np.ndarray  # (N*Q,)
     classes: np.ndarray  # (N,) pool classes behind the episode labels
+    augment_seed: int | None = None  # seed of the episode's image augmentation (src.meta.task_augment)
 
 
 class EpisodeSampler:
@@ -117,7 +118,7 @@ def labeled_pool(data) -> Pool:
 def pseudo_pool(data, table_path, threshold: float, include_labeled: bool = True) -> Pool:
     """Labeled rows (optional) + pseudo-labeled rows with selected == True or confidence >= threshold."""
     try:
-        table = pd.read_csv(table_path, dtype={"image_id": str})
+        table = pd.read_csv(table_path, dtype={"image_id": str, "label": str}, keep_default_na=False)
     except FileNotFoundError:
         raise UserError(f"{table_path}: pseudo-label table not found (run 02_pseudo or use meta.pool=clusters)") from None
     missing = {"image_id", "label", "confidence"} - set(table.columns)
@@ -132,13 +133,8 @@ def pseudo_pool(data, table_path, threshold: float, include_labeled: bool = True
     if not known.all():
         bad = table.loc[~known, "image_id"].iloc[0]
         raise UserError(f"{table_path}: image_id '{bad}' is not in the prepared data ({int((~known).sum())} unknown)")
-    class_of = {int(c): i for i, c in enumerate(data.classes.tolist())}
-    unknown = ~table["label"].astype(int).isin(list(class_of))
-    if unknown.any():
-        raise UserError(f"{table_path}: label '{table['label'][unknown].iloc[0]}' is not one of the classes "
-                        f"{data.classes.tolist()}")
+    labels = data.encode(table["label"].tolist(), str(table_path))  # integer labels or class names -> ids
     rows = row_of[table["image_id"]].to_numpy(np.int64)
-    labels = np.array([class_of[int(v)] for v in table["label"]], np.int64)
     labeled = np.isin(rows, data.labeled_idx)  # a table row for a labeled image would duplicate it
     rows, labels = rows[~labeled], labels[~labeled]
     if include_labeled:

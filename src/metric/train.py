@@ -28,7 +28,6 @@ import json
 import time
 
 import numpy as np
-import pandas as pd
 import torch
 from pytorch_metric_learning import losses as pml_losses
 from pytorch_metric_learning import miners as pml_miners
@@ -39,13 +38,14 @@ from tqdm import tqdm
 from src import io
 from src.augment import strong_augment, weak_augment
 from src.config import Config, MetricCfg
+from src.data.competition import read_label_table
 from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
 from src.models.encoder import embed, load_encoder, save_encoder, to_input
 from src.paths import RunPaths
-from src.pseudo.labelers import compute_prototypes
+from src.transductive import compute_prototypes
 from src.pseudo.report import embedding_scores
-from src.runtime import cpu_threads, autocast, resolve_device, sync
+from src.runtime import autocast, cpu_threads, resolve_device, sync, use_channels_last
 from src.train_utils import Checkpointer, build_optimizer, param_groups, set_lr, warmup_cosine
 
 STAGE_KEY = "metric"
@@ -256,12 +256,11 @@ def training_rows(cfg: Config, paths: RunPaths, data: CompetitionData, source: s
     """Labeled rows + selected pseudo-labeled rows (confidence >= metric.min_confidence): (rows, class ids)."""
     rows, y = [data.labeled_idx], [data.class_ids[data.labeled_idx]]
     if source == "pseudo" and paths.pseudo_labels().exists():
-        table = pd.read_csv(paths.pseudo_labels(), dtype={"image_id": str})
+        table = read_label_table(paths.pseudo_labels())
         table = table[table["selected"].astype(bool) & (table["confidence"] >= cfg.metric.min_confidence)]
         row_of = {image_id: i for i, image_id in enumerate(data.index["image_id"].tolist())}
-        class_of = {c: i for i, c in enumerate(data.classes.tolist())}
         rows.append(np.array([row_of[i] for i in table["image_id"]], np.int64))
-        y.append(np.array([class_of[int(c)] for c in table["label"]], np.int64))
+        y.append(data.encode(table["label"].tolist(), str(paths.pseudo_labels())))
     return np.concatenate(rows), np.concatenate(y)
 
 
@@ -292,7 +291,7 @@ def _train(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
     print(f"metric: {len(rows)} training images ({len(data.labeled_idx)} labeled) from {source}; "
           f"batch {batch} = {batch // m} classes x {m}; {steps} steps/epoch")
 
-    channels_last = cfg.run.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.run.channels_last, device, encoder)
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     objective = MetricObjective(cfg.metric, data.n_classes, encoder.dim).to(device)
@@ -356,7 +355,7 @@ def finish(cfg: Config, paths: RunPaths, data: CompetitionData, encoder: nn.Modu
            source: str, n_train: int, device: torch.device) -> dict:
     save_encoder(encoder, paths.encoder(STAGE_KEY), paths.encoder_spec(STAGE_KEY),
                  extra={"stage": STAGE_KEY, "from": source, "losses": cfg.metric.losses})
-    channels_last = cfg.run.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.run.channels_last, device, encoder)
     emb = embed(encoder, data.images, device, EMBED_BATCH, cfg.run.precision, channels_last=channels_last,
                 progress=cfg.run.progress)
     io.write_npy(paths.embeddings(STAGE_KEY), emb.astype(np.float16))
@@ -379,7 +378,7 @@ def finish(cfg: Config, paths: RunPaths, data: CompetitionData, encoder: nn.Modu
             from src.probe import truth_rows
 
             t_rows, t_labels = truth_rows(data, cfg.data.truth)
-            pred = data.classes[arcface_logits(emb[t_rows], paths.arcface).argmax(1)]
+            pred = arcface_logits(emb[t_rows], paths.arcface).argmax(1)  # class ids
             summary["arcface_truth"] = round(float((pred == t_labels).mean()), 4)
     print("metric: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k not in ("parts",)))
     return summary

@@ -3,7 +3,13 @@ and save/load through safetensors (never pickles).
 
 An encoder maps a float batch (B, 3, H, W), normalised by :func:`to_input`, to pooled features
 (B, D) with ``encoder.dim == D``. A saved encoder is two files: ``encoder.safetensors`` (weights)
-and ``encoder.json`` (the BackboneCfg it was built from, plus the image size).
+and ``encoder.json`` (the BackboneCfg it was built from, plus the image and model input sizes).
+
+Pretrained weights (``backbone.pretrained``): a local ``.safetensors`` or ``.pth`` file (read with
+``weights_only=True``, never a pickle) for any timm model; ``backbone.allow_download=true`` lets timm
+fetch its own weights from the hub instead, only when the user sets it. ImageNet weights expect
+their native resolution: ``data.model_input_size`` (e.g. 224) resizes every 32x32 input inside
+:meth:`Encoder.forward` (bilinear), which multiplies the FLOPs by (224/32)^2 = 49.
 """
 from __future__ import annotations
 
@@ -43,6 +49,8 @@ def _resnet34(cfg: BackboneCfg, image_size: int) -> dict:
 
 @BACKBONES.register("vit_tiny_patch16_224")
 def _vit_tiny(cfg: BackboneCfg, image_size: int) -> dict:
+    if image_size > 64:  # native-resolution input (data.model_input_size): timm's own 16x16 patches
+        return {"img_size": image_size}
     return {"img_size": image_size, "patch_size": 4}  # 8x8 tokens for 32x32 inputs
 
 
@@ -61,27 +69,38 @@ def _resnet_kwargs(cfg: BackboneCfg) -> dict:
 
 
 class Encoder(nn.Module):
-    """timm model without its classifier: forward(x) -> (B, dim) pooled features."""
+    """timm model without its classifier: forward(x) -> (B, dim) pooled features.
 
-    def __init__(self, cfg: BackboneCfg, image_size: int = 32):
+    image_size: side of the cached images (32). input_size: side the model sees; > 0 and different
+    from the batch's side resizes the batch bilinearly in forward (data.model_input_size)."""
+
+    def __init__(self, cfg: BackboneCfg, image_size: int = 32, input_size: int = 0):
         super().__init__()
-        kwargs = BACKBONES.get(cfg.name)(cfg, image_size) if cfg.name in BACKBONES else {}
+        size = input_size or image_size  # what the model is built for (ViT position embeddings)
+        kwargs = BACKBONES.get(cfg.name)(cfg, size) if cfg.name in BACKBONES else {}
         if "vit" in cfg.name or "deit" in cfg.name:
-            kwargs.setdefault("img_size", image_size)
+            kwargs.setdefault("img_size", size)
+        download = cfg.allow_download and not cfg.pretrained  # timm's hub only when the user asks
         try:
-            self.net = timm.create_model(cfg.name, pretrained=cfg.allow_download and not cfg.pretrained,
-                                         num_classes=0, **kwargs)
-        except RuntimeError as exc:  # timm: unknown model
+            self.net = timm.create_model(cfg.name, pretrained=download, num_classes=0, **kwargs)
+        except RuntimeError as exc:  # timm: unknown model, or no pretrained weights for it
             raise UserError(f"backbone.name: {exc}") from None
+        except OSError as exc:  # hub unreachable (allow_download only)
+            raise UserError(f"backbone.allow_download: cannot fetch weights of '{cfg.name}' ({exc})") from None
         if cfg.small_stem:
             adapt_small_stem(self.net)
         if cfg.pretrained:
-            load_pretrained(self.net, Path(cfg.pretrained))
+            load_pretrained(self.net, Path(cfg.pretrained), cfg.name, cfg.small_stem)
         self.cfg = cfg
         self.image_size = image_size
+        self.input_size = input_size
         self.dim = int(self.net.num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_size and x.shape[-1] != self.input_size:
+            # (B, 3, h, w) -> (B, 3, S, S): a linear map, so resizing the normalised batch equals
+            # normalising the resized images. Costs (S/h)^2 more FLOPs in the network.
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return self.net(x)
 
 
@@ -105,20 +124,72 @@ def adapt_small_stem(net: nn.Module) -> None:
                 return
 
 
-def load_pretrained(net: nn.Module, path: Path) -> None:
+# Tensors a weights file may have that the encoder does not: the classifier (num_classes=0 drops it;
+# timm's pretrained_cfg names it too).
+HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head_dist.", "last_linear.")
+# Prefixes that wrap a timm state dict: DDP ("module."), torch.compile ("_orig_mod."), save_encoder ("net.").
+WRAP_PREFIXES = ("module.", "_orig_mod.", "net.")
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a weights-only .pth/.pt/.bin (plain or under 'state_dict',
+    'model' or 'state_dict_ema'), with wrapper prefixes removed. UserError when unreadable."""
     if not path.is_file():
         raise UserError(f"{path}: backbone.pretrained weights not found")
-    if path.suffix == ".safetensors":
-        state = io.load_tensors(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        if path.suffix == ".safetensors":
+            state = io.load_tensors(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file, reported on one line
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{path}: not a readable weights file (safetensors, or a weights-only torch file): "
+                        f"{first[:200]}") from None
+    if isinstance(state, dict):
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path}: expected a mapping of parameter names to tensors")
+    for prefix in WRAP_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def load_pretrained(net: nn.Module, path: Path, name: str = "", small_stem: bool = False) -> None:
+    """Load a local weights file into a timm model. Every tensor must fit except the classifier
+    (dropped with num_classes=0) and, with backbone.small_stem, the replaced stem convolution (kept
+    freshly initialised); anything else (another architecture or width) is a one-line UserError,
+    never a silent partial load."""
+    state = read_weights(path)
     own = net.state_dict()
-    compatible = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not compatible:
-        raise UserError(f"{path}: no tensor matches the backbone's parameter names and shapes")
-    net.load_state_dict(compatible, strict=False)
-    print(f"loaded {len(compatible)}/{len(own)} tensors from {path}")
+    classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
+    head = HEAD_PREFIXES + ((f"{classifier}.",) if isinstance(classifier, str) else ())
+    stem = stem_conv_key(net) if small_stem else None
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own and not k.startswith(head)]
+    shape = [k for k in state if k in own and own[k].shape != state[k].shape and k != stem]
+    if missing or unexpected or shape:
+        example = (f"'{shape[0]}' is {tuple(state[shape[0]].shape)} in the file, {tuple(own[shape[0]].shape)} in "
+                   f"the model" if shape else f"'{(missing or unexpected)[0]}' "
+                   f"{'missing from the file' if missing else 'not in the model'}")
+        raise UserError(f"{path}: weights do not fit backbone '{name or type(net).__name__}' ({len(missing)} missing, "
+                        f"{len(unexpected)} unexpected, {len(shape)} of another shape; e.g. {example}): "
+                        f"wrong architecture, backbone.width/stem_width or input size")
+    load = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    net.load_state_dict(load, strict=False)
+    note = f" (kept fresh: {stem}, the small_stem 3x3 convolution)" if stem and stem not in load else ""
+    print(f"loaded {len(load)}/{len(own)} tensors from {path}{note}")
+
+
+def stem_conv_key(net: nn.Module) -> str | None:
+    """State-dict key of the first convolution on RGB input (what adapt_small_stem replaces)."""
+    for name, module in net.named_modules():
+        if isinstance(module, nn.Conv2d) and module.in_channels == 3:
+            return f"{name}.weight"
+    return None
 
 
 _STATS: dict = {}
@@ -167,7 +238,8 @@ def save_encoder(encoder: Encoder, weights: Path, spec: Path, extra: dict | None
     state = {k: v for k, v in unwrap(encoder).state_dict().items()}
     io.save_tensors(weights, state)
     io.write_json(spec, {"backbone": dataclasses.asdict(unwrap(encoder).cfg),
-                         "image_size": unwrap(encoder).image_size, "dim": unwrap(encoder).dim, **(extra or {})})
+                         "image_size": unwrap(encoder).image_size, "input_size": unwrap(encoder).input_size,
+                         "dim": unwrap(encoder).dim, **(extra or {})})
 
 
 def load_encoder(weights: Path, spec: Path, device: torch.device | str = "cpu") -> Encoder:
@@ -175,7 +247,7 @@ def load_encoder(weights: Path, spec: Path, device: torch.device | str = "cpu") 
         raise UserError(f"{weights}: encoder not found (run the stage that trains it first)")
     meta = io.read_json(spec)
     cfg = BackboneCfg(**{**meta["backbone"], "pretrained": "", "allow_download": False})
-    encoder = Encoder(cfg, meta["image_size"])
+    encoder = Encoder(cfg, meta["image_size"], meta.get("input_size", 0))
     encoder.load_state_dict(io.load_tensors(weights))
     return encoder.to(device)
 

@@ -27,15 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
-from scipy.sparse import identity
-from scipy.sparse.linalg import cg
 from tqdm import tqdm
 
 from src.config import PseudoCfg
 from src.errors import UserError
-from src.neighbors import affinity_matrix, kmeans, knn_graph, knn_search, normalized_adjacency
+from src.neighbors import kmeans, knn_search
 from src.registry import Registry
 from src.runtime import cpu_threads
+from src.transductive import TransductiveContext, block_cg, compute_prototypes, propagation_operator, softmax
 
 LABELERS = Registry("labeler")
 
@@ -52,16 +51,17 @@ class LabelingContext:
     extra_idx: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # selected pseudo rows
     extra_y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # their labels
     progress: bool = False
-    _graph: tuple[np.ndarray, np.ndarray] | None = None
+    _context: TransductiveContext | None = None
 
     def __post_init__(self) -> None:
         check_classes(self.labeled_y, self.n_classes)
 
     def graph(self) -> tuple[np.ndarray, np.ndarray]:
-        """kNN graph (sims (N, k), idx (N, k)) of the embeddings, computed once and shared."""
-        if self._graph is None:
-            self._graph = knn_graph(self.emb, self.cfg.knn_k, self.device)
-        return self._graph
+        """kNN graph (sims (N, k), idx (N, k)) of the embeddings (already preprocessed by the stage),
+        computed once and shared (the same cache the transductive heads use)."""
+        if self._context is None:
+            self._context = TransductiveContext(self.emb, self.device)
+        return self._context.graph("none", 0.5, self.cfg.knn_k)
 
     def support(self) -> tuple[np.ndarray, np.ndarray]:
         """Labeled rows plus the previous round's selected pseudo-labeled rows: (idx, y)."""
@@ -82,32 +82,9 @@ def check_classes(labeled_y: np.ndarray, n_classes: int, where: str = "labeled i
                         f"{counts.tolist()}); every class needs at least one")
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(1, keepdims=True)
-    e = np.exp(z)
-    return (e / e.sum(1, keepdims=True)).astype(np.float32)
-
-
 def cosine_softmax(x: np.ndarray, centers: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(cos(x_i, c_k) / T) over k: (N, D), (K, D) unit rows -> (N, K)."""
     return softmax(x @ centers.T / temperature)
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
-
-
-def center_normalize(emb: np.ndarray) -> np.ndarray:
-    """CL2N (SimpleShot, Wang et al. 2019): subtract the mean embedding, L2-normalise rows. Pooled
-    post-ReLU features share a large common direction (mean cosine ~0.9 on the demo); removing it
-    lets cosine similarities separate classes (k-means mapping 0.23 -> 0.45 on the demo)."""
-    return normalize_rows(emb - emb.mean(0, keepdims=True))
-
-
-def compute_prototypes(emb: np.ndarray, y: np.ndarray, n_classes: int, weights: np.ndarray | None = None) -> np.ndarray:
-    """Unit-norm class means (C, D) of rows `emb` (M, D) with labels `y` (M,) or soft `weights` (M, C)."""
-    w = np.eye(n_classes, dtype=np.float32)[y] if weights is None else weights
-    return normalize_rows(w.T @ emb)
 
 
 def map_clusters_to_classes(labeled_clusters: np.ndarray, labeled_y: np.ndarray, n_clusters: int,
@@ -134,7 +111,7 @@ def map_clusters_to_classes(labeled_clusters: np.ndarray, labeled_y: np.ndarray,
 
 def _cluster_prior(emb: np.ndarray, post: np.ndarray, ctx: LabelingContext) -> np.ndarray:
     """(K, C) cosine between soft cluster centroids and labeled class prototypes."""
-    centroids = normalize_rows(post.T @ emb)
+    centroids = compute_prototypes(emb, post, post.shape[1])  # soft cluster means
     protos = compute_prototypes(emb[ctx.labeled_idx], ctx.labeled_y, ctx.n_classes)
     return centroids @ protos.T
 
@@ -153,15 +130,10 @@ def propagation(ctx: LabelingContext) -> np.ndarray:
     """Label spreading: solve (I - alpha S) F = Y, S = D^-1/2 W D^-1/2 over the kNN graph,
     Y one-hot on the labeled rows. Class-mass normalisation, then rows -> probabilities."""
     cfg = ctx.cfg
-    n, c = len(ctx.emb), ctx.n_classes
-    s = normalized_adjacency(affinity_matrix(*ctx.graph(), gamma=cfg.propagation_gamma))
-    a = (identity(n, format="csr") - cfg.propagation_alpha * s).tocsr()
-    y = np.zeros((n, c))
+    a = propagation_operator(*ctx.graph(), alpha=cfg.propagation_alpha, gamma=cfg.propagation_gamma)
+    y = np.zeros((len(ctx.emb), ctx.n_classes))
     y[ctx.labeled_idx, ctx.labeled_y] = 1.0
-    f = np.zeros((n, c))
-    for k in range(c):
-        f[:, k], _ = cg(a, y[:, k], x0=y[:, k], rtol=1e-6, maxiter=cfg.propagation_iters)
-    f = np.clip(f, 0.0, None)
+    f = np.clip(block_cg(a, y, x0=y, rtol=1e-6, maxiter=cfg.propagation_iters), 0.0, None)
     f /= np.maximum(f.sum(0, keepdims=True), 1e-30)  # class-mass normalisation (Zhu et al. 2003)
     return _renorm(f)
 
@@ -188,7 +160,7 @@ def prototype(ctx: LabelingContext) -> np.ndarray:
     for _ in range(cfg.prototype_refine_iters):
         w = cosine_softmax(ctx.emb, protos, cfg.temperature)  # (N, C) soft memberships
         w[idx] = onehot  # support rows keep their (pseudo-)label
-        protos = normalize_rows(w.T @ ctx.emb)
+        protos = compute_prototypes(ctx.emb, w, ctx.n_classes)
     return cosine_softmax(ctx.emb, protos, cfg.temperature)
 
 

@@ -15,7 +15,7 @@ import pandas as pd
 from src import io
 from src.data.competition import read_id_label_csv
 from src.probe import knn_probe, truth_rows
-from src.pseudo.labelers import compute_prototypes
+from src.transductive import compute_prototypes
 
 COVERAGES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
@@ -128,5 +128,5 @@ def embedding_scores(data, emb: np.ndarray, truth: str = "", seed: int = 0) -> d
     if truth:
         rows, labels = truth_rows(data, truth)
         protos = compute_prototypes(emb[data.labeled_idx], data.class_ids[data.labeled_idx], data.n_classes)
-        out["protonet_truth"] = float((data.classes[(emb[rows] @ protos.T).argmax(1)] == labels).mean())
+        out["protonet_truth"] = float(((emb[rows] @ protos.T).argmax(1) == labels).mean())  # class ids
     return {k: round(v, 4) for k, v in out.items()}

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from src import io
 from src.augment import strong_augment, weak_augment
 from src.config import Config
-from src.runtime import autocast, sync
+from src.runtime import autocast, sync, use_channels_last
 from src.pseudo.selection import SelfAdaptiveThreshold
 from src.train_utils import (Checkpointer, all_reduce_mean, barrier, build_optimizer, dist_info, ema_update,
                              param_groups, set_lr, shard_rows, steps_per_epoch, warmup_cosine, wrap_ddp)
@@ -87,7 +87,7 @@ def self_train(cfg: Config, model: Classifier, images: np.ndarray, train_rows: n
     total = steps * p.self_train_epochs
     base_lr = p.self_train_lr * p.self_train_batch_size / 64  # linear scaling from FixMatch's B = 64
     lrs = warmup_cosine(base_lr, total, int(p.self_train_warmup_epochs * steps))
-    channels_last = cfg.run.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.run.channels_last, device, model)
 
     model = model.to(device)
     if channels_last:

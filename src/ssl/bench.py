@@ -5,7 +5,10 @@ Measures, after warm-up steps (compilation, allocator, cuDNN autotuning):
   per-image albumentations loader (cfg.run.num_workers workers);
 * the full training step (augment + forward + backward + optimiser + EMA) for the path the
   config selects: augmented views/s, seconds per step, peak memory, and the resulting time per
-  epoch over the prepared data (or 59,980 images when the run has no prepared data).
+  epoch over the prepared data (or 59,980 images when the run has no prepared data);
+* achieved GFLOP/s = FLOPs per view (FlopCounterMode over one forward + backward, src.costs) x
+  views/s, and its share of the matmul roof measured right after (an n x n torch.mm: fp32 with the
+  current thread count on CPU, n = 4096; bf16 on CUDA, n = 8192; bench.roof_size sets n).
 Uses the run's prepared images when present, random images otherwise (throughput does not depend
 on content)."""
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from src import io
 from src.config import Config
+from src.costs import achieved, matmul_roof, ssl_step_costs
 from src.paths import RunPaths
 from src.runtime import machine_info, peak_memory_mb, resolve_device, seed_everything, sync
 from src.ssl.trainer import SSLRun, validate
@@ -86,7 +90,7 @@ def bench_ssl(cfg: Config, args: argparse.Namespace) -> dict:
     lpx = local_size(cfg, run.encoder)
     for path in paths:
         cls = DeviceViews if path == "gpu" else LoaderViews
-        src = cls(cfg, images, device, batch, n_local, lpx)
+        src = cls(cfg, images, device, batch, n_local, lpx, run.channels_last)
         stream = _cycle(src, len(images) // batch)
         seconds = _timed(device, lambda: next(stream), max(1, args.warmup // 2), args.steps)
         out[f"augment_{path}_views_per_s"] = round(args.steps * batch * n_views / seconds, 1)
@@ -94,16 +98,17 @@ def bench_ssl(cfg: Config, args: argparse.Namespace) -> dict:
 
     # Full training step on the configured path.
     path = augment_path(cfg, device)
-    src = (DeviceViews if path == "gpu" else LoaderViews)(cfg, images, device, batch, n_local, lpx)
+    src = (DeviceViews if path == "gpu" else LoaderViews)(cfg, images, device, batch, n_local, lpx, run.channels_last)
     stream = _cycle(src, len(images) // batch)
     step = iter(range(10**9))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    run.model.on_epoch_start(0, images)  # deepcluster: memory bank + k-means (not timed)
     run.net.train()
 
     def train_step():
         v, lv = next(stream)
-        loss, _ = run.step(v, lv, min(next(step), len(run.lrs) - 1))
+        loss, _ = run.step(v, lv, min(next(step), len(run.lrs) - 1), src.rows)
         return loss
 
     seconds = _timed(device, train_step, args.warmup, args.steps)
@@ -113,6 +118,9 @@ def bench_ssl(cfg: Config, args: argparse.Namespace) -> dict:
                 "train_images_per_s": round(args.steps * batch / seconds, 1), "seconds_per_step": round(per_step, 4),
                 "epoch_images": n_epoch, "epoch_seconds": round(per_step * steps_epoch, 2),
                 "peak_memory_mb": round(peak_memory_mb(device), 1)})
+    out["flops_per_view"] = ssl_step_costs(cfg)["flops_per_view"]
+    out["roof"] = matmul_roof(device, cfg.bench.roof_size)
+    out.update(achieved(out["flops_per_view"], out["train_views_per_s"], out["roof"]["gflops"]))
     print(f"ssl bench on {device} ({out['machine'].get('gpu', 'cpu')}): {cfg.backbone.name} batch {batch}, "
           f"{n_views} views/image, augment {path}")
     for path_name in ("gpu", "cpu"):
@@ -121,6 +129,10 @@ def bench_ssl(cfg: Config, args: argparse.Namespace) -> dict:
     print(f"  train step: {out['train_views_per_s']:,.0f} augmented views/s (forward+backward), "
           f"{per_step * 1000:.1f} ms/step, peak memory {out['peak_memory_mb']:.0f} MB")
     print(f"  epoch of {n_epoch:,} images: {out['epoch_seconds']:.1f} s")
+    roof = out["roof"]
+    print(f"  {out['flops_per_view'] / 1e9:.3f} GFLOP per view (forward + backward, counted): achieved "
+          f"{out['achieved_gflops']:,.1f} GFLOP/s = {out['roof_pct']:.1f} % of the measured matmul roof "
+          f"({roof['gflops']:,.0f} GFLOP/s, {roof['n']}x{roof['n']} {roof['dtype']}, {roof['threads']} threads)")
     print(json.dumps(out))
     if args.out:
         io.append_jsonl(args.out, out)

@@ -83,10 +83,18 @@ class Objective(nn.Module):
 
     needs_feats = True  # False: the objective encodes its own inputs (rotation)
     uses_local = False  # consumes multi-crop local views
+    needs_rows = False  # True: forward also receives `rows`, the (B,) image rows of the batch (DeepCluster-v2)
 
     def __init__(self, cfg: SSLCfg, encoder: nn.Module):
         super().__init__()
         self.cfg = cfg
+
+    @classmethod
+    def check_config(cls, cfg: SSLCfg) -> None:
+        """Raise UserError for settings of this objective that types alone cannot check."""
+
+    def on_epoch_start(self, epoch: int, encoder: nn.Module, images) -> None:
+        """Called before every training epoch with all training images (uint8 (N, H, W, 3))."""
 
     def update_teacher(self, encoder: nn.Module, momentum: float) -> None:
         """Called after every optimiser step (EMA objectives)."""
@@ -250,7 +258,8 @@ class Rotation(Objective):
 
 
 class SSLModel(nn.Module):
-    """Encoder + weighted objectives. forward(views, local_views) -> (total loss, {name: loss}).
+    """Encoder + weighted objectives. forward(views, local_views, rows=None) -> (total loss, {name: loss});
+    rows, the batch's (B,) image rows, reach only objectives with needs_rows (deepcluster).
     The global views go through the encoder once (one batch of V*B images) and every objective
     reads those features; this whole module is what DistributedDataParallel wraps."""
 
@@ -262,16 +271,22 @@ class SSLModel(nn.Module):
         self.needs_feats = any(o.needs_feats for o in self.objectives.values())
         self.uses_local = any(o.uses_local for o in self.objectives.values())
 
-    def forward(self, views: list[torch.Tensor], local_views: list[torch.Tensor] = ()):
+    def forward(self, views: list[torch.Tensor], local_views: list[torch.Tensor] = (),
+                rows: torch.Tensor | None = None):
         feats: list[torch.Tensor] = []
         local_feats: list[torch.Tensor] = []
         if self.needs_feats:
             feats = list(self.encoder(torch.cat(views)).chunk(len(views)))
         if self.uses_local and local_views:
             local_feats = list(self.encoder(torch.cat(local_views)).chunk(len(local_views)))
-        parts = {name: obj(feats, local_feats, views, self.encoder) for name, obj in self.objectives.items()}
+        parts = {name: obj(feats, local_feats, views, self.encoder, *([rows] if obj.needs_rows else []))
+                 for name, obj in self.objectives.items()}
         total = sum(self.weights[name] * loss for name, loss in parts.items())
         return total, parts
+
+    def on_epoch_start(self, epoch: int, images) -> None:
+        for obj in self.objectives.values():
+            obj.on_epoch_start(epoch, self.encoder, images)
 
     @torch.no_grad()
     def update_teachers(self, momentum: float) -> None:
@@ -284,3 +299,7 @@ class SSLModel(nn.Module):
         for obj in self.objectives.values():
             for t in obj.teachers():
                 t.compile()
+
+
+# SwAV and DeepCluster-v2 register themselves (import at the bottom: the module imports from this one).
+from src.ssl import clustering  # noqa: E402,F401

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,8 +28,8 @@ from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
 from src.models.encoder import Encoder, embed, save_encoder
 from src.paths import RunPaths
-from src.probe import knn_probe, pixel_features, truth_rows
-from src.runtime import autocast, resolve_device, sync
+from src.probe import knn_probe, pixel_features, rankme, truth_rows
+from src.runtime import autocast, resolve_device, sync, use_channels_last
 from src.ssl.objectives import OBJECTIVES, SSLModel
 from src.ssl.views import augment_path, make_views
 from src.train_utils import (Checkpointer, all_reduce_mean, barrier, build_optimizer, cosine_ramp, dist_info,
@@ -44,7 +45,7 @@ def validate(cfg: Config) -> None:
     if not s.objectives:
         raise UserError("ssl.objectives: name at least one objective, e.g. {simclr: 1.0}")
     for name, weight in s.objectives.items():
-        OBJECTIVES.get(name)
+        OBJECTIVES.get(name).check_config(s)
         if weight <= 0:
             raise UserError(f"ssl.objectives.{name}: weight must be positive, got {weight}")
     for key in ("epochs", "batch_size", "proj_dim", "proj_hidden", "dino_out_dim", "embed_batch_size",
@@ -67,7 +68,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"ssl.batch_size: {s.batch_size} is not divisible by the {world} processes")
     if s.warmup_epochs < 0 or s.n_local_crops < 0 or s.max_steps_per_epoch < 0:
         raise UserError("ssl.warmup_epochs, ssl.n_local_crops, ssl.max_steps_per_epoch: must be >= 0")
+    if s.view_size < 0 or s.view_size > cfg.data.image_size:
+        raise UserError(f"ssl.view_size: must be in 0..data.image_size ({cfg.data.image_size}; 0: image size), "
+                        f"got {s.view_size}")
     augment_path(cfg, torch.device("cpu"))
+    if cfg.backbone.pretrained and not Path(cfg.backbone.pretrained).is_file():
+        raise UserError(f"{cfg.backbone.pretrained}: backbone.pretrained weights not found")
 
 
 class Eager(nn.Module):
@@ -89,8 +95,8 @@ class SSLRun:
     def __init__(self, cfg: Config, n_images: int, device: torch.device):
         info = dist_info()
         self.cfg, self.device = cfg, device
-        self.model = SSLModel(Encoder(cfg.backbone, cfg.data.image_size), cfg.ssl).to(device)
-        self.channels_last = cfg.run.channels_last and device.type == "cuda"
+        self.model = SSLModel(Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size), cfg.ssl).to(device)
+        self.channels_last = use_channels_last(cfg.run.channels_last, device, self.model.encoder)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.batch = cfg.ssl.batch_size // info.world  # per process
@@ -114,11 +120,12 @@ class SSLRun:
     def encoder(self) -> nn.Module:
         return self.model.encoder
 
-    def step(self, views, local_views, global_step: int) -> tuple[torch.Tensor, dict]:
-        """One optimisation step; returns detached device tensors (no host sync)."""
+    def step(self, views, local_views, global_step: int, rows=None) -> tuple[torch.Tensor, dict]:
+        """One optimisation step; returns detached device tensors (no host sync). rows: the batch's
+        (B,) image rows, for objectives that need them (deepcluster)."""
         set_lr(self.optimizer, float(self.lrs[global_step]))
         with autocast(self.device, self.cfg.run.precision):
-            loss, parts = self.net(views, local_views)
+            loss, parts = self.net(views, local_views, rows)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -130,9 +137,18 @@ class SSLRun:
                      self.cfg.run.precision, channels_last=self.channels_last, progress=progress)
 
 
-def _probe(run: SSLRun, data: CompetitionData, cfg: Config) -> dict:
-    return knn_probe(lambda rows: run.embed(data.images[np.sort(rows)])[np.argsort(np.argsort(rows))],
-                     data, cfg.data.truth, cfg.ssl.probe_k, cfg.run.seed)
+RANKME_IMAGES = 2048  # unlabeled images whose embeddings give the label-free RankMe signal
+
+
+def probe(run: SSLRun, data: CompetitionData, cfg: Config) -> dict:
+    """kNN probe (LOO on the labeled images; 5-fold on the truth file, report only) and RankMe on a
+    fixed sample of unlabeled images (label-free, usable for choices inside a run)."""
+    out = knn_probe(lambda rows: run.embed(data.images[np.sort(rows)])[np.argsort(np.argsort(rows))],
+                    data, cfg.data.truth, cfg.ssl.probe_k, cfg.run.seed)
+    pool = data.unlabeled_idx
+    rows = np.sort(np.random.default_rng(cfg.run.seed).choice(pool, min(RANKME_IMAGES, len(pool)), replace=False))
+    out["rankme"] = rankme(run.embed(data.images[rows]))
+    return out
 
 
 def _trim_log(path, epochs_done: int) -> None:
@@ -166,10 +182,11 @@ def train(cfg: Config, paths: RunPaths) -> dict:
         _trim_log(paths.log(STAGE_KEY), start)
         print(f"resuming from the checkpoint after epoch {start}/{s.epochs}")
     run.wrap()
-    views = make_views(cfg, data.images, device, run.batch, run.encoder, run.model.uses_local)
+    views = make_views(cfg, data.images, device, run.batch, run.encoder, run.model.uses_local, run.channels_last)
     n_views = 2 + (s.n_local_crops if run.model.uses_local else 0)
     last: dict = {}
     for epoch in range(start, s.epochs):
+        run.model.on_epoch_start(epoch, data.images)  # e.g. DeepCluster-v2's k-means
         run.net.train()
         loss_sum = torch.zeros((), device=device)
         part_sums = {k: torch.zeros((), device=device) for k in run.model.objectives}
@@ -179,7 +196,7 @@ def train(cfg: Config, paths: RunPaths) -> dict:
         sync(device)
         t0 = time.perf_counter()
         for i, (v, lv) in enumerate(views.epoch(epoch, run.steps)):
-            loss, parts = run.step(v, lv, epoch * run.steps + i)
+            loss, parts = run.step(v, lv, epoch * run.steps + i, views.rows)
             loss_sum += loss
             for k, p in parts.items():
                 part_sums[k] += p
@@ -197,7 +214,7 @@ def train(cfg: Config, paths: RunPaths) -> dict:
                 "images_per_s": round(images / seconds, 1), "views_per_s": round(images * n_views / seconds, 1)}
         done = epoch + 1
         if info.is_main and (done % s.probe_every == 0 or done == s.epochs):
-            last.update({k: round(v, 4) for k, v in _probe(run, data, cfg).items()})
+            last.update({k: round(v, 4) for k, v in probe(run, data, cfg).items()})
         if info.is_main:
             io.append_jsonl(paths.log(STAGE_KEY), last)
             if done % s.checkpoint_every == 0 or done == s.epochs:
@@ -218,16 +235,16 @@ def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, las
                  extra={"stage": STAGE_KEY, "objectives": cfg.ssl.objectives, "epochs": cfg.ssl.epochs})
     feats = run.embed(data.images, progress=cfg.run.progress)
     io.write_npy(paths.embeddings(STAGE_KEY), feats.astype(np.float16))
-    probe = {k: v for k, v in (log[-1] if log else {}).items() if k.startswith("knn")} or _probe(run, data, cfg)
+    scores = {k: v for k, v in (log[-1] if log else {}).items() if k.startswith(("knn", "rankme"))} or probe(run, data, cfg)
     pixels = knn_probe(lambda rows: pixel_features(data.images[np.sort(rows)])[np.argsort(np.argsort(rows))],
                        data, cfg.data.truth, cfg.ssl.probe_k, cfg.run.seed)
     summary = {"epochs": cfg.ssl.epochs, "steps_per_epoch": run.steps, "loss": log[-1]["loss"] if log else None,
                "augment": augment_path(cfg, run.device), "processes": dist_info().world,
                "train_seconds": round(sum(r["seconds"] for r in log), 1),
                "views_per_s": log[-1]["views_per_s"] if log else None, "embedding_dim": int(feats.shape[1]),
-               **{k: round(v, 4) for k, v in probe.items()},
+               **{k: round(v, 4) for k, v in scores.items()},
                **{f"pixels_{k}": round(v, 4) for k, v in pixels.items()}}
-    print("ssl: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k.startswith(("knn", "pixels", "loss"))))
+    print("ssl: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k.startswith(("knn", "rankme", "pixels", "loss"))))
     return summary
 
 
@@ -236,7 +253,7 @@ def lr_find(cfg: Config, paths: RunPaths) -> dict:
     data, device = setup(cfg, paths)
     run = SSLRun(cfg, len(data.images), device)
     run.wrap()
-    views = make_views(cfg, data.images, device, run.batch, run.encoder, run.model.uses_local)
+    views = make_views(cfg, data.images, device, run.batch, run.encoder, run.model.uses_local, run.channels_last)
 
     def batches():
         epoch = 0
@@ -249,13 +266,14 @@ def lr_find(cfg: Config, paths: RunPaths) -> dict:
     def step() -> torch.Tensor:
         v, lv = next(stream)
         with autocast(device, cfg.run.precision):
-            loss, _ = run.net(v, lv)
+            loss, _ = run.net(v, lv, views.rows)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
         run.model.update_teachers(cfg.ssl.ema)
         return loss
 
+    run.model.on_epoch_start(0, data.images)
     run.net.train()
     result = lr_range_test(step, run.optimizer, cfg.ssl.lr_find_min, cfg.ssl.lr_find_max, cfg.ssl.lr_find_steps)
     result["suggested_ssl_lr"] = result["suggested_lr"] * 256 / cfg.ssl.batch_size

@@ -40,13 +40,15 @@ def _aug_kwargs(cfg: Config, scale) -> dict:
 
 
 class DeviceViews:
+    rows: torch.Tensor | None = None  # (B,) image rows of the batch last yielded (DeepCluster-v2's memory bank)
+
     def __init__(self, cfg: Config, images: np.ndarray, device: torch.device, batch: int, n_local: int,
-                 local_px: int):
+                 local_px: int, channels_last: bool = False):
         self.cfg, self.device, self.batch, self.n_local = cfg, device, batch, n_local
         # Every image on the device once (uint8: 60k x 32x32x3 = 184 MB).
         self.images = torch.from_numpy(np.array(images)).to(device)  # copy: the cache is a read-only memmap
-        cl = cfg.run.channels_last and device.type == "cuda"
-        size = cfg.data.image_size
+        cl = channels_last  # views in the encoder's memory format (src.runtime.use_channels_last)
+        size = cfg.ssl.view_size or cfg.data.image_size
         self.global_aug = GpuAugment(size, channels_last=cl, **_aug_kwargs(cfg, (cfg.ssl.crop_scale_min, 1.0)))
         self.local_aug = GpuAugment(local_px, channels_last=cl, **_aug_kwargs(cfg, cfg.ssl.local_crop_scale))
 
@@ -56,17 +58,20 @@ class DeviceViews:
         g = torch.Generator(device=self.device).manual_seed(
             (self.cfg.run.seed * 1_000_003 + epoch) * 1024 + info.rank)
         for s in range(steps):
-            x = self.images[rows[s]]  # (B, H, W, 3) uint8, gathered on the device
+            self.rows = rows[s]
+            x = self.images[self.rows]  # (B, H, W, 3) uint8, gathered on the device
             yield ([self.global_aug(x, g) for _ in range(2)],
                    [self.local_aug(x, g) for _ in range(self.n_local)])
 
 
 class LoaderViews:
+    rows = None  # image rows of the batch: unknown on this path
+
     def __init__(self, cfg: Config, images: np.ndarray, device: torch.device, batch: int, n_local: int,
-                 local_px: int):
+                 local_px: int, channels_last: bool = False):
         self.cfg, self.device, self.n_local = cfg, device, n_local
-        self.channels_last = cfg.run.channels_last and device.type == "cuda"
-        size = cfg.data.image_size
+        self.channels_last = channels_last
+        size = cfg.ssl.view_size or cfg.data.image_size
         self.global_tf = cpu_pipeline("ssl", size, **_aug_kwargs(cfg, (cfg.ssl.crop_scale_min, 1.0)))
         self.local_tf = cpu_pipeline("ssl", local_px, **_aug_kwargs(cfg, cfg.ssl.local_crop_scale))
         info = dist_info()
@@ -92,7 +97,7 @@ class LoaderViews:
 
 
 def make_views(cfg: Config, images: np.ndarray, device: torch.device, batch: int, encoder,
-               uses_local: bool):
+               uses_local: bool, channels_last: bool = False):
     n_local = cfg.ssl.n_local_crops if uses_local else 0
     cls = DeviceViews if augment_path(cfg, device) == "gpu" else LoaderViews
-    return cls(cfg, images, device, batch, n_local, local_size(cfg, encoder))
+    return cls(cfg, images, device, batch, n_local, local_size(cfg, encoder), channels_last)

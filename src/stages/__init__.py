@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from src import io
-from src.config import Config, to_yaml
+from src.config import Config, for_stage, to_yaml
 from src.errors import UserError
 from src.paths import STAGE_DIRS, RunPaths
 from src.runtime import git_commit, machine_info, peak_memory_mb, resolve_device, seed_everything
@@ -92,7 +92,7 @@ def run_stage(stage: Stage, cfg: Config, force: bool = False, lr_find: bool = Fa
         if stage.lr_find is None:
             raise UserError(f"stage {stage.dirname} has no --lr-find (only training stages do)")
         seed_everything(cfg.run.seed)
-        return stage.lr_find(cfg, paths)
+        return stage.lr_find(for_stage(cfg, stage.key), paths)
     if not force and marker.exists() and io.read_json(marker)["fingerprint"] == fp:
         print(f"[{stage.dirname}] unchanged (fingerprint {fp}): skipped")
         return io.read_json(marker)["summary"]
@@ -111,7 +111,7 @@ def run_stage(stage: Stage, cfg: Config, force: bool = False, lr_find: bool = Fa
     print(f"[{stage.dirname}] {stage.title}" + (" (resuming)" if resumed else ""))
     seed_everything(cfg.run.seed)
     t0 = time.perf_counter()
-    summary = stage.run(cfg, paths) or {}
+    summary = stage.run(for_stage(cfg, stage.key), paths) or {}
     seconds = time.perf_counter() - t0
     record = {"fingerprint": fp, "seconds": round(seconds, 2), "peak_memory_mb": round(peak_memory_mb(device), 1),
               "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "summary": summary}

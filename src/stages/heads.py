@@ -6,6 +6,11 @@ group-fold out-of-fold probabilities the stacker trains on (``paths.head_stack_o
 record; ``paths.cv_report`` gathers them: LOO accuracy with a Wilson interval, support re-draws,
 the (biased) episodic estimate, and the public-truth accuracy beside them when configured.
 
+Near-duplicates: the embeddings are searched for near-duplicate pairs (``dedup.embedding``,
+reported in ``near_duplicates.json``). With ``dedup.test_support`` a test image that is a
+near-duplicate (hash pairs of 00_prepare and embedding pairs) of a labeled image joins that image's
+class as support in every head, tied to it like its pseudo-labels (dropped when it is held out).
+
 Pseudo-labels and leakage: the pseudo-labels were made with all labeled images, so a held-out
 image's label echoes through the pseudo-labels it shaped. Each pseudo-labeled image therefore
 belongs to the *group* of the nearest labeled image of its pseudo-class (the one it most likely
@@ -15,11 +20,16 @@ stacker folds are group folds). This removes the direct echo, not all of it: the
 global choices saw every label, so LOO with pseudo-labeled support is optimistic when the
 pseudo-labels are poor. Heads that use them therefore also report ``loo_labeled_only`` (the same
 head on the labeled images alone), an honest reference for the head without its pseudo-labels.
+
+Transductive heads with ``uses_context`` (src/heads/transductive.py) share one
+:class:`src.transductive.TransductiveContext` over every image: features and the kNN graph are
+built once, every fit (final, LOO, re-draws, stacker folds, episodes) passes row indices and only
+changes the support (label propagation: the seeds).
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -30,13 +40,15 @@ from src import io
 from src.config import Config
 from src.cv import (cv_summary, episodic_estimate, format_cv_table, leave_one_out, public_truth,
                     support_redraws, truth_accuracy)
-from src.data import CompetitionData, load_data
+from src.data import CompetitionData, load_data, near_duplicates
+from src.data.competition import read_label_table
 from src.ensemble import check_folds, group_folds, group_oof
 from src.errors import UserError
 from src.heads import HEADS, l2_normalize
 from src.paths import RunPaths
 from src.runtime import resolve_device
 from src.stages import Stage
+from src.transductive import TransductiveContext
 
 EMBEDDING_STAGES = ("metric", "pseudo", "ssl")  # latest first
 
@@ -62,7 +74,8 @@ def read_pseudo_labels(paths: RunPaths, data: CompetitionData, min_confidence: f
     path = paths.pseudo_labels()
     if not (paths.done_marker("pseudo").exists() and path.exists()):
         return None
-    return pseudo_rows(pd.read_csv(path, dtype={"image_id": str}), data, min_confidence, path)
+    return pseudo_rows(read_label_table(path, ("image_id", "label", "confidence", "selected")), data,
+                       min_confidence, path)
 
 
 def pseudo_rows(frame: pd.DataFrame, data: CompetitionData, min_confidence: float = 0.0,
@@ -77,13 +90,11 @@ def pseudo_rows(frame: pd.DataFrame, data: CompetitionData, min_confidence: floa
         selected = selected.astype(str).str.strip().str.lower().isin(["true", "1"])
     frame = frame[selected & (frame["confidence"] >= min_confidence)]
     row_of = {image_id: r for r, image_id in enumerate(data.index["image_id"])}
-    lookup = {c: i for i, c in enumerate(data.classes.tolist())}
     rows = frame["image_id"].map(row_of)
-    ys = frame["label"].map(lookup)
-    if rows.isna().any() or ys.isna().any():
-        bad = frame[rows.isna() | ys.isna()].iloc[0]
-        raise UserError(f"{path}: row image_id '{bad['image_id']}' label '{bad['label']}' matches no image/class")
-    out = pd.DataFrame({"row": rows.to_numpy(np.int64), "y": ys.to_numpy(np.int64),
+    if rows.isna().any():
+        raise UserError(f"{path}: row image_id '{frame['image_id'][rows.isna()].iloc[0]}' matches no image")
+    ys = data.encode(frame["label"].tolist(), str(path))
+    out = pd.DataFrame({"row": rows.to_numpy(np.int64), "y": ys,
                         "confidence": frame["confidence"].to_numpy(np.float32)})
     out = out[data.class_ids[out["row"]] < 0]  # never override a real label
     return out.sort_values("confidence", ascending=False, kind="stable").reset_index(drop=True)
@@ -108,8 +119,14 @@ class HeadInputs:
     pseudo_y: np.ndarray
     pseudo_w: np.ndarray  # confidence
     pseudo_group: np.ndarray  # (P,) index 0..L-1 of the labeled row it inherited its label from
+    dup: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (U,) test rows: near-duplicate support
+    dup_y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (U,) class of the labeled twin
+    dup_group: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (U,) index 0..L-1 of that twin
+    context: TransductiveContext | None = None  # every image's embedding, for heads with uses_context
 
     def inputs(self, head, rows: np.ndarray) -> np.ndarray:
+        if getattr(head, "takes_rows", False):  # the head reads its context's features (and kNN graph) itself
+            return rows
         return np.asarray(self.images[rows]) if head.runs_encoder else self.x[rows]
 
 
@@ -126,31 +143,40 @@ def inherited_from(x: np.ndarray, rows: np.ndarray, row_y: np.ndarray, labeled: 
     return out
 
 
-def make_head(name: str, cfg: Config, encoder, device):
+def make_head(name: str, cfg: Config, encoder, device, context: TransductiveContext | None = None):
+    """A fresh head; heads with uses_context get `context` (the embeddings and kNN graph of every
+    image, shared by all their fits) and then take row indices."""
     cls = HEADS.get(name)
     if name == "cosine_finetune" and encoder is not None:
         return cls(cfg.heads, encoder=encoder, device=device, precision=cfg.run.precision, seed=cfg.run.seed)
     if name == "cosine_finetune":
         return cls(cfg.heads, device=device, seed=cfg.run.seed)
-    return cls(cfg.heads)
+    head = cls(cfg.heads)
+    if head.uses_context:
+        head.context = context
+    return head
 
 
 def fit_predict_fn(name: str, cfg: Config, h: HeadInputs, encoder, device, use_pseudo: bool,
                    sup_rows: np.ndarray, sup_y: np.ndarray, sup_w: np.ndarray, sup_group: np.ndarray,
-                   extra_query: np.ndarray):
+                   extra_query: np.ndarray, use_dup: bool = True):
     """fit_predict(train, test) over a table of rows (sup_rows[i] with label sup_y[i], group
     sup_group[i]). The support is the train rows plus, with use_pseudo, every pseudo-labeled row
-    whose group is among the train rows' groups. Transductive heads see the test rows and
-    `extra_query` (the test images) as their unlabeled query set."""
+    whose group is among the train rows' groups (and, with use_dup, every near-duplicate test row
+    of such a group). Transductive heads see the test rows and `extra_query` (the test images) as
+    their unlabeled query set."""
 
     def fit_predict(train: np.ndarray, test: np.ndarray) -> np.ndarray:
-        head = make_head(name, cfg, encoder, device)
+        head = make_head(name, cfg, encoder, device, h.context)
         rows, ys, ws = sup_rows[train], sup_y[train], sup_w[train]
-        if use_pseudo and len(h.pseudo):
-            keep = np.isin(h.pseudo_group, sup_group[train])
-            keep &= ~np.isin(h.pseudo, sup_rows[test])  # a row is never its own support
-            rows = np.concatenate([rows, h.pseudo[keep]])
-            ys, ws = np.concatenate([ys, h.pseudo_y[keep]]), np.concatenate([ws, h.pseudo_w[keep]])
+        tied = [(h.pseudo, h.pseudo_y, h.pseudo_w, h.pseudo_group)] if use_pseudo else []
+        if use_dup:
+            tied.append((h.dup, h.dup_y, np.ones(len(h.dup), np.float32), h.dup_group))
+        for t_rows, t_y, t_w, t_group in tied:
+            keep = np.isin(t_group, sup_group[train])
+            keep &= ~np.isin(t_rows, sup_rows[test])  # a row is never its own support
+            rows = np.concatenate([rows, t_rows[keep]])
+            ys, ws = np.concatenate([ys, t_y[keep]]), np.concatenate([ws, t_w[keep]])
         query = None
         if head.transductive:
             query = h.inputs(head, np.concatenate([extra_query, sup_rows[test]]))
@@ -180,14 +206,18 @@ def stack_rows(cfg: Config, h: HeadInputs, pool: pd.DataFrame | None, x: np.ndar
     return table
 
 
-def head_inputs(cfg: Config, data: CompetitionData, x: np.ndarray, pool: pd.DataFrame | None) -> HeadInputs:
-    """The heads' inputs: embeddings x (N, D), the labeled rows of `data`, and (with heads.use_pseudo)
-    the pseudo-labels of `pool` capped per class, each in the group of the labeled image it inherited from."""
+def head_inputs(cfg: Config, data: CompetitionData, x: np.ndarray, pool: pd.DataFrame | None,
+                device=None, context: TransductiveContext | None = None) -> HeadInputs:
+    """The heads' inputs: embeddings x (N, D), the labeled rows of `data`, (with heads.use_pseudo)
+    the pseudo-labels of `pool` capped per class, each in the group of the labeled image it inherited
+    from, and the transductive heads' context over every image (`context`, else a new one over x).
+    No near-duplicate support (run() adds it)."""
     labeled = data.labeled_idx
     h = HeadInputs(x=x, images=data.images, n_classes=data.n_classes, labeled=labeled,
                    labeled_y=data.class_ids[labeled], test=data.test_idx,
                    pseudo=np.zeros(0, np.int64), pseudo_y=np.zeros(0, np.int64), pseudo_w=np.zeros(0, np.float32),
-                   pseudo_group=np.zeros(0, np.int64))
+                   pseudo_group=np.zeros(0, np.int64),
+                   context=context if context is not None else TransductiveContext(x, device))
     support = cap_per_class(pool, cfg.heads.pseudo_max_per_class) if pool is not None and cfg.heads.use_pseudo else None
     if support is not None and len(support):
         h.pseudo, h.pseudo_y = support["row"].to_numpy(), support["y"].to_numpy()
@@ -210,7 +240,7 @@ def head_outputs(name: str, cfg: Config, h: HeadInputs, table: pd.DataFrame | No
 
     labeled_fp = over(h.labeled, h.labeled_y, ones, np.arange(len(h.labeled)))
     # Final model: every labeled row (and all pseudo support); test rows are the query set.
-    head = make_head(name, cfg, encoder, device)
+    head = make_head(name, cfg, encoder, device, h.context)
     probs = _predict_test(h, head, use_pseudo)
     oof = leave_one_out(labeled_fp, h.labeled_y)
     stack = None
@@ -257,21 +287,26 @@ def run(cfg: Config, paths: RunPaths) -> dict:
 
     # Pseudo-labels feed the episodes and the stacker's rows always, the heads' supports only with use_pseudo.
     pool = read_pseudo_labels(paths, data, cfg.heads.pseudo_min_confidence)
-    h = head_inputs(cfg, data, x, pool)
+    h = head_inputs(cfg, data, x, pool, device)
     labeled = h.labeled
+    near = near_duplicate_pass(cfg, paths, data, x, device)
+    if cfg.dedup.test_support:
+        h.dup, h.dup_y, h.dup_group = near_duplicate_support(cfg, paths, data, near)
     table = stack_rows(cfg, h, pool, x)
     io.write_csv(paths.stack_table, table)
     # Episodes draw from confident pseudo-labels (biased by the pseudo-labeler by construction).
     episode_pool = None if pool is None else pool[pool["confidence"] >= cfg.cv.episode_min_confidence]
 
     print(f"embeddings: {source} {x.shape}; labeled {len(labeled)}; pseudo-labeled support {len(h.pseudo)}"
-          f"{'' if pool is not None else ' (no pseudo-labels)'}; stacker rows {len(table)}")
+          f"{'' if pool is not None else ' (no pseudo-labels)'}; stacker rows {len(table)}"
+          + (f"; near-duplicate test support {len(h.dup)}" if cfg.dedup.test_support else ""))
     results = {}
     # Thousands of tiny fits: one BLAS/OpenMP thread each (threads only contend at this size).
     with threadpool_limits(1):
         for name in tqdm(cfg.heads.heads, desc="heads", disable=not cfg.run.progress):
             results[name] = run_head(name, cfg, paths, h, table, episode_pool, truth, encoder, device)
     report = {"embeddings": source, "n_labeled": int(len(labeled)), "n_pseudo_support": int(len(h.pseudo)),
+              "n_near_duplicate_support": int(len(h.dup)),
               "truth": cfg.data.truth, "heads": results,
               "notes": ["LOO: leave-one-out over the labeled images (train + val labels), Wilson 95% interval",
                         "pseudo-labeled support rows follow the labeled image they inherited from (dropped "
@@ -283,6 +318,35 @@ def run(cfg: Config, paths: RunPaths) -> dict:
     print(format_cv_table(results, cfg.data.truth))
     return {"embeddings": source, "loo_accuracy": {k: v["loo"]["accuracy"] for k, v in results.items()},
             "test_accuracy": {k: v["test_accuracy"] for k, v in results.items()}}
+
+
+def near_duplicate_pass(cfg: Config, paths: RunPaths, data: CompetitionData, x: np.ndarray,
+                        device) -> pd.DataFrame | None:
+    """Embedding near-duplicates (dedup.embedding): pairs (a, b, cosine) written with their summary."""
+    if not cfg.dedup.embedding:
+        return None
+    index = data.index.assign(label=data.class_ids)  # class ids, as 00_prepare's report uses
+    pairs, summary = near_duplicates.find_by_embedding(x, data.images, index, cfg.dedup.embedding_cosine,
+                                                       cfg.dedup.neighbors, device)
+    io.write_csv(paths.near_duplicate_pairs("heads"), near_duplicates.pair_table(pairs, index))
+    io.write_json(paths.near_duplicates("heads"), summary)
+    print(near_duplicates.format_summary(summary))
+    return pairs
+
+
+def near_duplicate_support(cfg: Config, paths: RunPaths, data: CompetitionData,
+                           embedding_pairs: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(test rows, class ids, group = index of the labeled twin in labeled_idx) from the hash pairs of
+    00_prepare and the embedding pairs of this stage."""
+    parts = [] if embedding_pairs is None else [embedding_pairs[["a", "b"]]]
+    if paths.near_duplicate_pairs("prepare").exists():
+        parts.append(pd.read_csv(paths.near_duplicate_pairs("prepare"), usecols=["a", "b"]))
+    if not parts:
+        raise UserError("dedup.test_support: no near-duplicate pairs (enable dedup.hash or dedup.embedding)")
+    pairs = pd.concat(parts, ignore_index=True)
+    sup = near_duplicates.duplicate_support(pairs, data.class_ids, data.index["split"].to_numpy())
+    group = np.searchsorted(data.labeled_idx, sup["source"].to_numpy())
+    return sup["row"].to_numpy(np.int64), sup["y"].to_numpy(np.int64), group.astype(np.int64)
 
 
 def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.DataFrame,
@@ -300,7 +364,8 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
     probs, oof, stack, labeled_fp, use_pseudo = (out[k] for k in ("probs", "oof", "stack", "labeled_fp", "use_pseudo"))
     loo_plain = None
     if use_pseudo and len(h.pseudo):  # the same head without pseudo-labels: no echo possible
-        plain_fp = fit_predict_fn(name, cfg, h, encoder, device, False, h.labeled, h.labeled_y, ones, groups, h.test)
+        plain_fp = fit_predict_fn(name, cfg, h, encoder, device, False, h.labeled, h.labeled_y, ones, groups, h.test,
+                                  use_dup=False)
         loo_plain = cv_summary(leave_one_out(plain_fp, h.labeled_y), h.labeled_y)
     max_fits = cfg.cv.encoder_max_fits if out["runs_encoder"] else None
     n_redraws = min(cfg.cv.redraws, max_fits or cfg.cv.redraws)
@@ -316,7 +381,7 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
         pool_rows, pool_y = episode_pool["row"].to_numpy(), episode_pool["y"].to_numpy()
         episode_fp = fit_predict_fn(name, cfg, h, encoder, device, False, pool_rows, pool_y,
                                     np.ones(len(pool_rows), np.float32), np.zeros(len(pool_rows), np.int64),
-                                    np.zeros(0, np.int64))
+                                    np.zeros(0, np.int64), use_dup=False)
         episodic = episodic_estimate(episode_fp, pool_y, min(cfg.cv.n_way, h.n_classes), cfg.cv.n_shot,
                                      cfg.cv.n_query, min(cfg.cv.episodes, max_fits or cfg.cv.episodes), seed)
     io.write_npy(paths.head_probs(name), probs.astype(np.float32))
@@ -362,16 +427,20 @@ def load_redraws(path) -> dict:
 
 
 def _predict_test(h: HeadInputs, head, use_pseudo: bool) -> np.ndarray:
-    """Fit on every labeled image (plus all pseudo-labeled support); the test images are the query."""
+    """Fit on every labeled image (plus all pseudo-labeled and near-duplicate support); the test
+    images are the query."""
     rows, ys = h.labeled, h.labeled_y
     ws = np.ones(len(rows), np.float32)
     if use_pseudo and len(h.pseudo):
         rows, ys, ws = (np.concatenate([rows, h.pseudo]), np.concatenate([ys, h.pseudo_y]),
                         np.concatenate([ws, h.pseudo_w]))
+    if len(h.dup):
+        rows, ys, ws = (np.concatenate([rows, h.dup]), np.concatenate([ys, h.dup_y]),
+                        np.concatenate([ws, np.ones(len(h.dup), np.float32)]))
     query = h.inputs(head, h.test) if head.transductive else None
     head.fit(h.inputs(head, rows), ys, h.n_classes, query_x=query, support_weight=ws)
     return head.predict_proba(h.inputs(head, h.test))
 
 
-STAGE = Stage(key="heads", title="few-shot heads and local CV", sections=("data", "heads", "cv"), run=run,
+STAGE = Stage(key="heads", title="few-shot heads and local CV", sections=("data", "heads", "cv", "dedup"), run=run,
               after=("ssl",), optional_after=("pseudo", "metric", "meta"))

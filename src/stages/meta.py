@@ -38,8 +38,9 @@ from src.meta.base import (EncoderTail, FeatureBank, Identity, MetaMethod, PeakM
                            trunk_features)
 from src.meta.sampler import (POOLS, EpisodeSampler, Pool, cap_per_class, cluster_pool, labeled_pool,
                               pseudo_pool)
+from src.meta.task_augment import TaskAugment, build_task_augment, parse_mode
 from src.paths import RunPaths
-from src.runtime import cpu_threads, resolve_device
+from src.runtime import cpu_threads, resolve_device, use_channels_last
 from src.stages import Stage
 
 ENCODER_STAGES = ("metric", "pseudo", "ssl")  # latest first
@@ -65,12 +66,18 @@ def validate(cfg: Config) -> None:
         raise UserError(f"meta.pseudo_threshold: must be in [0, 1], got {m.pseudo_threshold}")
     if m.outer_lr <= 0 or m.inner_lr <= 0:
         raise UserError(f"meta.outer_lr / meta.inner_lr: must be > 0, got {m.outer_lr} / {m.inner_lr}")
+    parse_mode(m.task_augment)
+
+
+def needs_encoder(cfg: Config) -> bool:
+    """The encoder is loaded to train its last block, or to compute augmented episodes' inputs."""
+    return cfg.meta.train_block or cfg.meta.task_augment != "none"
 
 
 def encoder_stage(cfg: Config, paths: RunPaths) -> str:
     """The stage whose encoder (train_block) or embeddings the methods start from."""
     def has(stage: str) -> bool:
-        files = ([paths.encoder(stage), paths.encoder_spec(stage)] if cfg.meta.train_block else [])
+        files = ([paths.encoder(stage), paths.encoder_spec(stage)] if needs_encoder(cfg) else [])
         if cfg.meta.pool in ("clusters", "auto") or not cfg.meta.train_block:
             files.append(paths.embeddings(stage))
         return all(f.exists() for f in files)
@@ -127,9 +134,22 @@ class MetaInputs:
     n_classes: int
     truth: np.ndarray | None  # (T,) public-truth class ids: scoring only
     trunk_seconds: float = 0.0
+    augment: TaskAugment | None = None  # meta.task_augment: episodes of the methods that take it
 
     def body(self) -> nn.Module:
-        return EncoderTail(self.encoder) if self.encoder is not None else Identity(self.dim)
+        trained = self.cfg.meta.train_block and self.encoder is not None
+        return EncoderTail(self.encoder) if trained else Identity(self.dim)
+
+    def augmented(self, name: str) -> bool:
+        return self.augment is not None and META_METHODS.get(name).task_augment
+
+    def episodes(self, name: str, pool: Pool | None = None):
+        """(sampler, bank) that method `name` meta-trains on: task-augmented when it takes it."""
+        if not self.augmented(name):
+            return (self.sampler if pool is None else make_sampler(self.cfg, pool)), self.bank
+        m = self.cfg.meta
+        sampler = self.augment.sampler(self.pool if pool is None else pool, m.n_way, m.n_shot, m.n_query)
+        return sampler, self.augment.bank
 
 
 def prepare_inputs(cfg: Config, paths: RunPaths) -> MetaInputs:
@@ -144,30 +164,39 @@ def prepare_inputs(cfg: Config, paths: RunPaths) -> MetaInputs:
         counts = pool.class_counts()
         smallest = min(counts, key=counts.get)
         make_sampler(cfg, pool.without_rows(pool.rows[pool.labels == smallest][:1]))
+    if cfg.meta.task_augment != "none":  # refuses impossible augmented episodes before any heavy work
+        TaskAugment(cfg.meta.task_augment, len(data.index), None).sampler(pool, cfg.meta.n_way, cfg.meta.n_shot,
+                                                                          cfg.meta.n_query)
     truth = public_truth(cfg.data.truth, data.test_ids, data.classes)
     device = resolve_device(cfg.run.device)
     labeled, test = data.labeled_idx, data.test_idx
     rows = np.unique(np.concatenate([pool.rows, labeled, test]))
     t0 = time.perf_counter()
     encoder, dim = None, 0
-    if cfg.meta.train_block:
+    if needs_encoder(cfg):
         from src.models.encoder import load_encoder
 
         encoder = load_encoder(paths.encoder(source), paths.encoder_spec(source), device)
+    if cfg.meta.train_block:
         feats = trunk_features(encoder, data.images, rows, device, cfg.meta.batch_size, cfg.run.precision,
                                cfg.run.progress)
-        if device.type == "cuda" and cfg.run.channels_last and feats.dim() == 4:
+        if use_channels_last(cfg.run.channels_last, device, encoder) and feats.dim() == 4:
             feats = feats.contiguous(memory_format=torch.channels_last)
     else:
         emb = io.read_npy(paths.embeddings(source), mmap=True)
         feats = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb[rows], np.float32)), dim=1)
         feats, dim = feats.to(device, torch.float16), emb.shape[1]
     bank = FeatureBank(rows, feats, len(data.index))
-    print(f"meta: encoder {source} ({'last block trained' if encoder is not None else 'frozen embeddings'}), "
+    channels_last = device.type == "cuda" and cfg.run.channels_last
+    augment = build_task_augment(cfg.meta.task_augment, cfg.meta.task_augment_flip, bank, encoder, data.images,
+                                 pool.rows, cfg.meta.train_block, device, cfg.run.precision, channels_last,
+                                 cfg.meta.batch_size)
+    print(f"meta: encoder {source} ({'last block trained' if cfg.meta.train_block else 'frozen embeddings'}), "
           f"pool {pool.kind}: {len(pool)} images in {len(pool.class_counts())} classes"
-          f"{'; ' + pool.note if pool.note else ''}; inputs {tuple(feats.shape)}")
+          f"{'; ' + pool.note if pool.note else ''}; inputs {tuple(feats.shape)}"
+          + (f"; task augmentation {cfg.meta.task_augment}" if augment is not None else ""))
     return MetaInputs(cfg, source, device, encoder, dim, pool, sampler, bank, labeled, data.class_ids[labeled],
-                      test, data.n_classes, truth, time.perf_counter() - t0)
+                      test, data.n_classes, truth, time.perf_counter() - t0, augment)
 
 
 def new_method(name: str, inp: MetaInputs) -> MetaMethod:
@@ -189,15 +218,14 @@ def run_method(name: str, inp: MetaInputs, paths: RunPaths | None = None) -> tup
         if inp.pool.kind == "labeled":
             def fit_predict(train, test):  # re-meta-train without the held-out image
                 fold = new_method(name, inp)
-                sampler = make_sampler(cfg, inp.pool.without_rows(inp.labeled[test]))
-                meta_train(fold, sampler, inp.bank, seed, tag=name)
+                meta_train(fold, *inp.episodes(name, inp.pool.without_rows(inp.labeled[test])), seed, tag=name)
                 return fold.predict(lx[train], ly[train], lx[test], inp.n_classes, bs)
 
             method = new_method(name, inp)
-            info = meta_train(method, inp.sampler, inp.bank, seed, ckpt, log, cfg.run.progress, tag=name)
+            info = meta_train(method, *inp.episodes(name), seed, ckpt, log, cfg.run.progress, tag=name)
         else:
             method = new_method(name, inp)
-            info = meta_train(method, inp.sampler, inp.bank, seed, ckpt, log, cfg.run.progress, tag=name)
+            info = meta_train(method, *inp.episodes(name), seed, ckpt, log, cfg.run.progress, tag=name)
 
             def fit_predict(train, test):  # adapt to the other labeled images only
                 return method.predict(lx[train], ly[train], lx[test], inp.n_classes, bs)
@@ -206,7 +234,8 @@ def run_method(name: str, inp: MetaInputs, paths: RunPaths | None = None) -> tup
         probs = method.predict(lx, ly, inp.bank[inp.test], inp.n_classes, bs)
     record = {"loo": cv_summary(oof, inp.labeled_y), "test_accuracy": truth_accuracy(probs, inp.truth),
               "seconds": round(time.perf_counter() - t0, 2), "peak_memory_mb": round(mem.mb, 1),
-              "train": info, "pool": inp.pool.kind, "encoder": inp.source}
+              "train": info, "pool": inp.pool.kind, "encoder": inp.source,
+              "task_augment": cfg.meta.task_augment if inp.augmented(name) else "none"}
     return record, probs.astype(np.float32), oof.astype(np.float32)
 
 

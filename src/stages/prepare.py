@@ -2,4 +2,4 @@
 from src.data.prepare import prepare
 from src.stages import Stage
 
-STAGE = Stage(key="prepare", title="prepare data: validate, decode, cache", sections=("data",), run=prepare)
+STAGE = Stage(key="prepare", title="prepare data: validate, decode, cache", sections=("data", "dedup"), run=prepare)

@@ -23,19 +23,21 @@ import torch
 
 from src import io
 from src.config import Config
+from src.data.competition import read_label_table
 from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
 from src.models.encoder import embed, load_encoder, save_encoder
 from src.paths import RunPaths
 from src.probe import truth_rows
-from src.pseudo.labelers import LABELERS, LabelingContext, center_normalize, check_classes, compute_prototypes
+from src.pseudo.labelers import LABELERS, LabelingContext, check_classes
 from src.pseudo.report import (embedding_scores, format_summary, load_truth, plot_precision_coverage,
                                precision_at_coverage, summarize, summary_table)
 from src.pseudo.selection import COMBINE, SELECTION, pseudo_label
 from src.pseudo.selftrain import Classifier, make_head, self_train
-from src.runtime import cpu_threads, resolve_device
+from src.runtime import cpu_threads, resolve_device, use_channels_last
 from src.stages import Stage
 from src.train_utils import barrier, dist_info, local_device
+from src.transductive import center_normalize, compute_prototypes
 
 STAGE_KEY = "pseudo"
 EMBED_BATCH = 1024  # images per forward pass when embedding (memory only)
@@ -87,11 +89,7 @@ def validate_data(cfg: Config, data: CompetitionData) -> None:
         raise UserError(f"pseudo.scan_clusters: {p.scan_clusters} is fewer than the {n_classes} classes (0: classes)")
     check_classes(data.class_ids[data.labeled_idx], n_classes)
     if cfg.data.truth:
-        _, truth_labels = truth_rows(data, cfg.data.truth)  # unknown ids: UserError now
-        unknown = sorted(set(truth_labels.tolist()) - set(data.classes.tolist()))
-        if unknown:
-            raise UserError(f"{cfg.data.truth}: class {unknown[0]} has no labeled image "
-                            f"(labeled classes {data.classes.tolist()})")
+        truth_rows(data, cfg.data.truth)  # unknown ids and classes without a labeled image: UserError now
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,12 +129,11 @@ def _labeler_vs_truth(ids: np.ndarray, label: np.ndarray, conf: np.ndarray, trut
 
 def _selected_support(paths: RunPaths, r: int, data: CompetitionData) -> tuple[np.ndarray, np.ndarray]:
     """(rows, class ids) of the images selected in round r's table."""
-    table = pd.read_csv(paths.pseudo_labels(r), dtype={"image_id": str})
+    table = read_label_table(paths.pseudo_labels(r))
     table = table[table["selected"].astype(bool)]
     row_of = {image_id: i for i, image_id in enumerate(data.index["image_id"].tolist())}
-    class_of = {c: i for i, c in enumerate(data.classes.tolist())}
     return (np.array([row_of[i] for i in table["image_id"]], np.int64),
-            np.array([class_of[int(c)] for c in table["label"]], np.int64))
+            data.encode(table["label"].tolist(), str(paths.pseudo_labels(r))))
 
 
 def _latest_encoder(paths: RunPaths, r: int) -> tuple:
@@ -173,7 +170,7 @@ def train_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int, emb
     io.save_tensors(rdir / "classifier.safetensors", ema.head.state_dict(),
                     metadata={"kind": cfg.pseudo.classifier, "temperature": str(cfg.pseudo.classifier_temperature)})
     io.write_json(rdir / "train.json", {"train_images": int(len(rows)), "log": log})
-    channels_last = cfg.run.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.run.channels_last, device, ema.encoder)
     return embed(ema.encoder, data.images, device, EMBED_BATCH, cfg.run.precision, channels_last=channels_last,
                  progress=cfg.run.progress)
 

@@ -20,8 +20,7 @@ from src import io
 from src.config import Config
 from src.cv import cv_summary, public_truth, truth_accuracy
 from src.data import CompetitionData, load_data
-from src.ensemble import (PROPAGATE, RULES, Graph, Members, RuleParams, applicable, apply_rules, check_rule,
-                          graph_matrix, log_loss)
+from src.ensemble import RULES, Members, RuleParams, applicable, apply_rules, check_rule, log_loss
 from src.errors import UserError
 from src.paths import RunPaths
 from src.stages import Stage
@@ -37,12 +36,12 @@ def validate(cfg: Config) -> None:
         raise UserError("ensemble.auto_candidates: empty list (name at least one rule)")
     for name in e.auto_candidates:
         check_rule(name, "ensemble.auto_candidates")
-        if name.split("+")[0] == "auto":
+        if name == "auto":
             raise UserError(f"ensemble.auto_candidates: '{name}' cannot be a candidate of auto")
-    if e.method == "preferred" and not e.preferred:
-        raise UserError("ensemble.preferred: empty list (ensemble.method=preferred needs a member name)")
-    if e.propagate_weight < 0:
-        raise UserError(f"ensemble.propagate_weight: must be >= 0, got {e.propagate_weight}")
+    if e.method in ("preferred", "gated") and not e.preferred:
+        raise UserError(f"ensemble.preferred: empty list (ensemble.method={e.method} needs a member name)")
+    if not 0 <= e.gate_agreement <= 1:
+        raise UserError(f"ensemble.gate_agreement: must be in [0, 1], got {e.gate_agreement}")
     for key in ("weight_rounds", "agreement_iters", "stacker_rounds", "stacker_leaves"):
         if getattr(e, key) < 1:
             raise UserError(f"ensemble.{key}: must be >= 1, got {getattr(e, key)}")
@@ -116,11 +115,8 @@ def run(cfg: Config, paths: RunPaths) -> dict:
     m = Members(names=names, oof=[members[n]["oof"] for n in names], probs=[members[n]["probs"] for n in names], y=y,
                 transductive=[members[n]["transductive"] for n in names],
                 stack=[members[n]["stack"] for n in names], table=table)
-    if any(r.endswith(PROPAGATE) for r in (e.method, *e.auto_candidates)):
-        m.graph = member_graph(cfg, paths, data)
     params = RuleParams.from_config(e, cfg.run.seed)
-    # Every rule that applies, and the configured one (a UserError when it cannot run); "+propagate"
-    # variants (31 label-spreading passes each) only when configured.
+    # Every rule that applies, and the configured one (a UserError when it cannot run).
     wanted = [r for r in RULES if applicable(r, m, params)]
     combos = apply_rules(wanted + [e.method] * (e.method not in wanted), m, params)
     draws, draws_note = member_redraws(members)
@@ -132,9 +128,8 @@ def run(cfg: Config, paths: RunPaths) -> dict:
                    "redraw": redraw_score(draws, np.eye(len(names))[k], y),
                    "test_accuracy": truth_accuracy(m.probs[k], truth), "source": members[n]["source"]}
     for key, c in combos.items():
-        # "+propagate": the re-draws score the rule's weighted mean before the propagation pass
         rows[f"ensemble:{key}"] = {**cv_summary(c.oof, y), "log_loss": log_loss(c.oof, y),
-                                   "redraw": redraw_score(draws, c.weights, y, key.endswith(PROPAGATE)),
+                                   "redraw": redraw_score(draws, c.weights, y),
                                    "test_accuracy": truth_accuracy(c.test, truth), "note": c.note}
     method = e.method
 
@@ -199,33 +194,16 @@ def member_redraws(members: dict[str, dict]) -> tuple[dict | None, str]:
             f"{first['query'].shape[1]} held-out images each)")
 
 
-def redraw_score(draws: dict | None, weights: np.ndarray | None, y: np.ndarray, before_propagation: bool = False
-                 ) -> dict | None:
+def redraw_score(draws: dict | None, weights: np.ndarray | None, y: np.ndarray) -> dict | None:
     """Accuracy mean and std over the support re-draws of the members' weighted mean (a rule's
     weights: label-free rules are scored honestly; weights chosen on all labels have seen the
-    re-draws' held-out images, so they read optimistic; "+propagate" rules: their weighted mean
-    before the propagation pass). None without re-draws or weights."""
+    re-draws' held-out images, so they read optimistic). None without re-draws or weights."""
     if draws is None or weights is None:
         return None
     w = np.asarray(weights, np.float64)
     combined = sum(wi * p.astype(np.float64) for wi, p in zip(w, draws["probs"]) if wi > 0)  # (D, Q, C)
     accs = (combined.argmax(2) == y[draws["query"]]).mean(1)
-    out = {"shot": draws["shot"], "mean": float(accs.mean()), "std": float(accs.std()), "n_draws": int(len(accs))}
-    return out | ({"before_propagation": True} if before_propagation else {})
-
-
-def member_graph(cfg: Config, paths: RunPaths, data: CompetitionData) -> Graph:
-    """The kNN graph of the "+propagate" rules, over the embeddings the heads read (05_heads cv.json)."""
-    from src.runtime import resolve_device
-
-    source = io.read_json(paths.cv_report).get("embeddings") if paths.cv_report.exists() else None
-    if not source or not paths.embeddings(source).exists():
-        raise UserError(f"ensemble.method={cfg.ensemble.method}: no embeddings to build the kNN graph from "
-                        f"({paths.cv_report} names none)")
-    emb = io.read_npy(paths.embeddings(source)).astype(np.float32)
-    p = cfg.pseudo
-    return Graph(graph_matrix(emb, p, resolve_device(cfg.run.device)), data.labeled_idx, data.test_idx,
-                 p.propagation_alpha, p.propagation_iters)
+    return {"shot": draws["shot"], "mean": float(accs.mean()), "std": float(accs.std()), "n_draws": int(len(accs))}
 
 
 def format_cv(r: dict) -> str:
@@ -233,8 +211,7 @@ def format_cv(r: dict) -> str:
     noise of scoring 30 images) and, when known, the spread over support re-draws."""
     text = f"{r['accuracy']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]"
     d = r.get("redraw")
-    when = " (before propagation)" if d and d.get("before_propagation") else ""
-    return text + ("" if not d else f", {d['shot']} re-draws{when} {d['mean']:.3f} ± {d['std']:.3f}")
+    return text + ("" if not d else f", {d['shot']} re-draws {d['mean']:.3f} ± {d['std']:.3f}")
 
 
 def report_for_run(cfg: Config, paths: RunPaths, data: CompetitionData, rows: dict, method: str,
@@ -282,7 +259,7 @@ def report_for_run(cfg: Config, paths: RunPaths, data: CompetitionData, rows: di
              f"[{ens['interval'][0]:.2f}, {ens['interval'][1]:.2f}]"
              + ("" if ens["test_accuracy"] is None else f", truth accuracy {ens['test_accuracy']:.4f}")]
     return render_report(paths, f"Run report: {cfg.run.name}", rows, data.classes.tolist(), emb, tsne_rows,
-                         colours, labeled_mask, confusion, lines, cfg.run.seed)
+                         colours, labeled_mask, confusion, lines, cfg.run.seed, cfg.dedup.report_pairs)
 
 
 def print_table(rows: dict[str, dict], truth_name: str, redraw_note: str = "") -> None:
@@ -305,6 +282,6 @@ def print_table(rows: dict[str, dict], truth_name: str, redraw_note: str = "") -
         print(f"re-draws: {redraw_note}; rules whose weights read labels saw the held-out images (optimistic)")
 
 
-STAGE = Stage(key="submit", title="ensemble, submissions and run report", sections=("data", "ensemble", "pseudo"),
-              run=run,
+STAGE = Stage(key="submit", title="ensemble, submissions and run report",
+              sections=("data", "ensemble", "dedup"), run=run,
               after=("heads",), optional_after=("meta",))

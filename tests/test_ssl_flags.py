@@ -1,0 +1,60 @@
+"""CPU-recipe switches of stage 01 (each test fails if its flag were ignored) and the label-free
+RankMe signal."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from src.config import load_config
+from src.errors import UserError
+from src.probe import rankme
+from src.ssl.trainer import SSLRun, validate
+from src.runtime import use_channels_last
+from src.ssl.views import DeviceViews, make_views
+
+
+def _cfg(*extra):
+    return load_config(None, ["run.device=cpu", "backbone.width=4", "backbone.stem_width=8", "ssl.batch_size=8",
+                              "ssl.proj_hidden=16", "ssl.proj_dim=8", "ssl.epochs=1", *extra])
+
+
+def test_rankme_counts_the_directions_the_embeddings_use():
+    rng = np.random.default_rng(0)
+    assert rankme(rng.normal(size=(4000, 16))) > 15.5  # isotropic: all 16 directions
+    two = rng.normal(size=(4000, 2)) @ rng.normal(size=(2, 16))
+    assert 1.5 < rankme(two) < 2.05  # rank-2 data
+    assert rankme(np.ones((100, 16)) + 1e-9 * rng.normal(size=(100, 16))) < 1.01  # collapsed
+
+
+@pytest.mark.parametrize("width, requested, expected", [(16, True, True), (16, False, False), (4, True, False)])
+def test_channels_last_on_cpu_follows_the_flag_and_skips_tiny_networks(width, requested, expected):
+    """NHWC on the CPU where asked, except for networks with convolutions reading < 16 channels (the
+    width-4 test networks), whose NHWC backward corrupts the heap in torch 2.14 (src.runtime)."""
+    cfg = _cfg(f"run.channels_last={str(requested).lower()}", f"backbone.width={width}", f"backbone.stem_width={width}")
+    run = SSLRun(cfg, 64, torch.device("cpu"))
+    assert run.channels_last == expected
+    conv = [m for m in run.model.encoder.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expected
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    views, _ = next(make_views(cfg, images, torch.device("cpu"), 8, run.encoder, False, run.channels_last).epoch(0, 1))
+    assert views[0].is_contiguous(memory_format=torch.channels_last) == expected
+    assert views[0].is_contiguous() != expected
+    assert use_channels_last(requested, torch.device("cuda"), run.encoder) == requested  # no guard on CUDA
+
+
+def test_view_size_sets_the_training_resolution_only():
+    cfg = _cfg("ssl.view_size=16")
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    views, _ = next(DeviceViews(cfg, images, torch.device("cpu"), 8, 0, 16).epoch(0, 1))
+    assert [tuple(v.shape) for v in views] == [(8, 3, 16, 16)] * 2
+    run = SSLRun(cfg, 64, torch.device("cpu"))
+    assert run.embed(images[:5]).shape == (5, run.encoder.dim)  # embeddings read the full 32x32 images
+    views, _ = next(DeviceViews(_cfg(), images, torch.device("cpu"), 8, 0, 16).epoch(0, 1))
+    assert views[0].shape[-1] == 32  # 0: the image size
+
+
+@pytest.mark.parametrize("value", [-1, 33])
+def test_view_size_out_of_range_is_a_config_error(value):
+    with pytest.raises(UserError, match=r"ssl.view_size: must be in 0..data.image_size"):
+        validate(_cfg(f"ssl.view_size={value}"))
