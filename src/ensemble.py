@@ -229,7 +229,7 @@ class RuleParams:
     """The ensemble.* settings the rules read (a subset of EnsembleCfg) and the run seed."""
 
     weight_rounds: int = 20
-    preferred: list[str] = field(default_factory=lambda: ["propagation", "pt_map"])
+    preferred: list[str] = field(default_factory=lambda: ["propagation", "knn"])
     gate_agreement: float = 0.9
     auto_candidates: list[str] = field(default_factory=lambda: ["mean", "weighted", "rank", "stack"])
     agreement_iters: int = 10

@@ -154,6 +154,13 @@ def test_submit_bad_member_leaves_nothing_written(truth_comp, tmp_path, capsys):
     assert not paths.submission("protonet").exists() and not paths.done_marker("submit").exists()
     with pytest.raises(UserError, match="ensemble.members: 'nope' has no outputs"):
         run_stage(get_stage("submit"), load_config(None, overrides + ["ensemble.members=[nope]"]))
+    # bad rule names: one line naming the key, exit 2, checked before any member is read
+    for arg, key in (("ensemble.method=nope", "ensemble.method: unknown rule 'nope'"),
+                     ("ensemble.auto_candidates=[mean,nope]", "ensemble.auto_candidates: unknown rule 'nope'"),
+                     ("ensemble.auto_candidates=[auto]", "ensemble.auto_candidates: 'auto' cannot be"),
+                     ("ensemble.gate_agreement=1.5", "ensemble.gate_agreement: must be in [0, 1]")):
+        code, err = run_script("06_submit.py", *overrides, arg, capsys=capsys)
+        assert code == 2 and err.strip().count("\n") == 0 and key in err, err
 
 
 def test_heads_stage_user_errors(truth_comp, tmp_path, capsys):

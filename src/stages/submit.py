@@ -172,35 +172,43 @@ def run(cfg: Config, paths: RunPaths) -> dict:
 
 
 def member_redraws(members: dict[str, dict]) -> tuple[dict | None, str]:
-    """The members' support re-draws (05_heads: the same draws for every head) at the largest shot
-    count they share: {"shot", "query" (D, Q), "probs" [(D, Q, C)] per member}, or None with the
-    reason (a member without re-draws, e.g. a 04_meta method, or draws that differ)."""
+    """The support re-draws of the members that wrote them (05_heads: the same draws for every
+    head) at the largest shot count they share: {"shot", "query" (D, Q), "probs" [(D, Q, C) or None
+    per member]}, or None with the reason. Members without re-draws (04_meta methods) get None: a
+    rule that puts weight on one of them has no re-draw score."""
     from src.stages.heads import load_redraws
 
     loaded = {n: load_redraws(mem["redraws"]) if mem.get("redraws") is not None else {} for n, mem in members.items()}
-    missing = [n for n, d in loaded.items() if not d]
-    if missing:
-        return None, f"none: member {missing[0]} wrote no re-draws"
-    shots = sorted(set.intersection(*(set(d) for d in loaded.values())), key=lambda k: int(k.split("-")[0]))
+    have = [n for n, d in loaded.items() if d]
+    if not have:
+        return None, "none: no member wrote re-draws"
+    shots = sorted(set.intersection(*(set(loaded[n]) for n in have)), key=lambda k: int(k.split("-")[0]))
     if not shots:
         return None, "none: the members share no shot count"
     shot = shots[-1]
-    first = loaded[next(iter(loaded))][shot]
-    for n, d in loaded.items():
-        if any(d[shot][k].shape != first[k].shape or (d[shot][k] != first[k]).any() for k in ("support", "query")):
+    first = loaded[have[0]][shot]
+    for n in have:
+        if any(loaded[n][shot][k].shape != first[k].shape or (loaded[n][shot][k] != first[k]).any()
+               for k in ("support", "query")):
             return None, f"none: member {n} drew other {shot} supports"
-    return ({"shot": shot, "query": first["query"], "probs": [loaded[n][shot]["probs"] for n in members]},
-            f"{shot} support re-draws from the labeled images ({len(first['query'])} draws, "
+    without = [n for n in members if n not in have]
+    note = (f"{shot} support re-draws from the labeled images ({len(first['query'])} draws, "
             f"{first['query'].shape[1]} held-out images each)")
+    note += f"; none for {', '.join(without)}" if without else ""
+    return ({"shot": shot, "query": first["query"],
+             "probs": [loaded[n][shot]["probs"] if n in have else None for n in members]}, note)
 
 
 def redraw_score(draws: dict | None, weights: np.ndarray | None, y: np.ndarray) -> dict | None:
     """Accuracy mean and std over the support re-draws of the members' weighted mean (a rule's
     weights: label-free rules are scored honestly; weights chosen on all labels have seen the
-    re-draws' held-out images, so they read optimistic). None without re-draws or weights."""
+    re-draws' held-out images, so they read optimistic). None without re-draws or weights, or
+    when the rule weights a member without re-draws."""
     if draws is None or weights is None:
         return None
     w = np.asarray(weights, np.float64)
+    if any(wi > 0 and p is None for wi, p in zip(w, draws["probs"])):
+        return None
     combined = sum(wi * p.astype(np.float64) for wi, p in zip(w, draws["probs"]) if wi > 0)  # (D, Q, C)
     accs = (combined.argmax(2) == y[draws["query"]]).mean(1)
     return {"shot": draws["shot"], "mean": float(accs.mean()), "std": float(accs.std()), "n_draws": int(len(accs))}
