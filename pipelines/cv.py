@@ -20,10 +20,12 @@ def main(cfg) -> None:
     report = io.read_json(paths.cv_report)
     rows = dict(report["heads"])
     ensemble = paths.stage("submit") / "ensemble.json"
-    if ensemble.exists():  # ensembles and 04_meta members have LOO scores only
+    if ensemble.exists():  # ensembles and 04_meta members: LOO, and the re-draws 06_submit scored
         for name, r in io.read_json(ensemble)["rows"].items():
             if name not in rows:
-                rows[name] = {"loo": r, "test_accuracy": r.get("test_accuracy")}
+                d = r.get("redraw")
+                rows[name] = {"loo": r, "test_accuracy": r.get("test_accuracy"),
+                              "redraws": {d["shot"]: d} if d else {}}
     print(f"run {cfg.run.name}: embeddings from {report['embeddings']}, {report['n_labeled']} labeled images, "
           f"{report['n_pseudo_support']} pseudo-labeled support images")
     print(format_cv_table(rows, report.get("truth", "") or cfg.data.truth))

@@ -62,11 +62,14 @@ def leave_one_out(fit_predict: FitPredict, labels: np.ndarray) -> np.ndarray:
 
 
 def support_redraws(fit_predict: FitPredict, labels: np.ndarray, shots=(1, 2), n_draws: int = 200,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, keep: dict | None = None) -> dict:
     """Accuracy over `n_draws` random n_shot-per-class supports, scored on the held-out rest.
 
     Returns {"<k>-shot": {"mean", "std", "n_draws", "n_query"}} (n_query: held-out rows per draw).
     A shot count that leaves a class without a held-out image is skipped (reported as skipped).
+    The draws depend only on (labels, shots, n_draws, seed), so every head of a run gets the same
+    ones; with `keep` (a dict) the per-draw arrays are stored in it as keep["<k>-shot"] =
+    {"support" (D, k*C), "query" (D, Q), "probs" (D, Q, C)}, for ensembles to be scored per draw.
     """
     labels = np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -78,12 +81,16 @@ def support_redraws(fit_predict: FitPredict, labels: np.ndarray, shots=(1, 2), n
         if min(len(r) for r in by_class) <= k:
             out[key] = {"skipped": f"a class has <= {k} labeled images"}
             continue
-        accs = []
+        accs, draws = [], {"support": [], "query": [], "probs": []}
         for _ in range(n_draws):
             support = np.concatenate([rng.choice(r, k, replace=False) for r in by_class])
             query = np.setdiff1d(np.arange(len(labels)), support)
             probs = np.asarray(fit_predict(support, query))
             accs.append(float((probs.argmax(1) == labels[query]).mean()))
+            for name, value in (("support", support), ("query", query), ("probs", probs)):
+                draws[name].append(value)
+        if keep is not None:
+            keep[key] = {name: np.stack(v) for name, v in draws.items()}
         out[key] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)), "n_draws": n_draws,
                     "n_query": int(len(labels) - k * len(classes))}
     return out

@@ -13,9 +13,11 @@ own CV reuses the same folds.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 from scipy.stats import rankdata
 from sklearn.model_selection import GroupKFold
 
@@ -187,3 +189,312 @@ def stack_oof(features: np.ndarray, y: np.ndarray, folds: np.ndarray, weight: np
         predict = fit_stacker(features[train], y[train], weight[train], n_classes, rounds, lr, leaves, seed)
         out[test] = predict(features[test])
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules: one function per ensemble.method, shared by stage 06 and the re-draw evaluator
+# (src/selection.py), so what the evaluator measures is what the submission runs.
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Members:
+    """Everything a rule may see: the members' probabilities and the labeled images' labels. Never
+    truth: the rules take no argument that could carry it (tests check with a scrambled-truth spy).
+
+    stack/table: the stacker's inputs (group-fold OOF probabilities (R, C) per member, or None, and
+    the stack table of 05_heads: row, y, weight, group, fold, labeled); only the "stack" rule reads them."""
+
+    names: list[str]
+    oof: list[np.ndarray]  # (L, C) leave-one-out probabilities of the labeled images, per member
+    probs: list[np.ndarray]  # (T, C) test probabilities, per member
+    y: np.ndarray  # (L,) class ids of the labeled images
+    transductive: list[bool] = field(default_factory=list)  # member used the unlabeled images
+    stack: list[np.ndarray | None] | None = None
+    table: pd.DataFrame | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probs[0].shape[1])
+
+
+@dataclass
+class Combined:
+    oof: np.ndarray  # (L, C) local-CV probabilities: nested wherever the rule itself read labels
+    test: np.ndarray  # (T, C) test probabilities
+    weights: np.ndarray | None  # (M,) member weights, when the rule is a weighted mean
+    note: str
+
+
+@dataclass
+class RuleParams:
+    """The ensemble.* settings the rules read (a subset of EnsembleCfg) and the run seed."""
+
+    weight_rounds: int = 20
+    preferred: list[str] = field(default_factory=lambda: ["propagation", "knn"])
+    gate_agreement: float = 0.9
+    auto_candidates: list[str] = field(default_factory=lambda: ["mean", "weighted", "rank", "stack"])
+    agreement_iters: int = 10
+    stacker_rounds: int = 200
+    stacker_lr: float = 0.05
+    stacker_leaves: int = 7
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, e, seed: int = 0) -> "RuleParams":
+        return cls(**{f.name: getattr(e, f.name) for f in fields(cls) if f.name != "seed"}, seed=seed)
+
+
+RULES: dict[str, Callable[[Members, RuleParams], Combined]] = {}
+
+
+def rule(name: str):
+    def deco(fn):
+        RULES[name] = fn
+        return fn
+    return deco
+
+
+def accuracy(probs: np.ndarray, y: np.ndarray) -> float:
+    return float((np.asarray(probs).argmax(1) == y).mean())
+
+
+def _score_key(probs: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Sort key of a candidate on local CV (lower is better): accuracy first, then log-loss."""
+    return -accuracy(probs, y), log_loss(probs, y)
+
+
+def nested_choice(candidates: list[np.ndarray], y: np.ndarray) -> np.ndarray:
+    """Honest CV of 'pick the candidate with the best local CV' (candidates: OOF probabilities (L, C)
+    each): row i takes the candidate that scores best on the other rows (ties: the earlier one)."""
+    out = np.zeros_like(candidates[0], dtype=np.float32)
+    rows = np.arange(len(y))
+    for i in rows:
+        keep = rows != i
+        best = min(range(len(candidates)), key=lambda k: (*_score_key(candidates[k][keep], y[keep]), k))
+        out[i] = candidates[best][i]
+    return out
+
+
+@rule("mean")
+def rule_mean(m: Members, p: RuleParams) -> Combined:
+    w = np.full(len(m.names), 1.0 / len(m.names))
+    return Combined(mean_probs(m.oof), mean_probs(m.probs), w, "equal weights")
+
+
+@rule("weighted")
+def rule_weighted(m: Members, p: RuleParams) -> Combined:
+    w = greedy_weights(m.oof, m.y, p.weight_rounds)
+    return Combined(nested_weighted_oof(m.oof, m.y, p.weight_rounds), mean_probs(m.probs, w), w,
+                    "weights: greedy selection on LOO probabilities; CV nested")
+
+
+@rule("rank")
+def rule_rank(m: Members, p: RuleParams) -> Combined:
+    return Combined(rank_average(m.oof), rank_average(m.probs), None, "per-class rank average")
+
+
+@rule("best")
+def rule_best(m: Members, p: RuleParams) -> Combined:
+    """The single member with the best local CV (accuracy, then log-loss); CV nested."""
+    best = min(range(len(m.names)), key=lambda k: (*_score_key(m.oof[k], m.y), k))
+    w = np.eye(len(m.names))[best]
+    return Combined(nested_choice(m.oof, m.y), m.probs[best], w, f"best member on local CV: {m.names[best]}")
+
+
+def shrink_weights(oof: list[np.ndarray], y: np.ndarray, rounds: int) -> tuple[np.ndarray, float]:
+    """Greedy CV weights shrunk toward uniform by how much of the members' LOO spread is noise:
+    r = max(0, 1 - se^2 / var_m(acc_m)), se^2 = pbar (1 - pbar) / L the binomial variance of one
+    LOO accuracy (James & Stein 1961 / empirical Bayes); w = r * greedy + (1 - r) * uniform. With 30
+    labels se is ~6 points, so members whose LOO scores sit within each other's intervals get equal
+    weights. Returns (weights (M,), r)."""
+    acc = np.array([accuracy(o, y) for o in oof])
+    pbar = float(acc.mean())
+    se2 = pbar * (1 - pbar) / max(len(y), 1)
+    spread = float(acc.var())
+    r = 0.0 if spread <= 0 else max(0.0, 1.0 - se2 / spread)
+    uniform = np.full(len(oof), 1.0 / len(oof))
+    return r * greedy_weights(oof, y, rounds) + (1 - r) * uniform, r
+
+
+@rule("shrunk")
+def rule_shrunk(m: Members, p: RuleParams) -> Combined:
+    w, r = shrink_weights(m.oof, m.y, p.weight_rounds)
+    nested = np.zeros_like(m.oof[0], dtype=np.float32)
+    rows = np.arange(len(m.y))
+    for i in rows:  # CV nested: row i is combined with weights chosen on the other rows
+        wi, _ = shrink_weights([o[rows != i] for o in m.oof], m.y[rows != i], p.weight_rounds)
+        nested[i] = mean_probs([o[i:i + 1] for o in m.oof], wi)[0]
+    return Combined(nested, mean_probs(m.probs, w), w, f"greedy CV weights shrunk toward uniform (trust r={r:.2f})")
+
+
+def agreement_weights(probs: list[np.ndarray], iters: int = 10) -> np.ndarray:
+    """Label-free member weights from the unlabeled test images alone. Start from the uniform mean;
+    each step, a_m = agreement of member m's argmax with the consensus argmax and
+    w_m = max(0, log(a_m (C - 1) / (1 - a_m))): the optimal weighted-majority weight of a member of
+    accuracy a_m among independent members with symmetric errors (Nitzan & Paroush 1982), with the
+    agreement standing in for the unknown accuracy (the Dawid & Skene 1979 idea); the consensus is
+    then the weighted mean. Members at or below chance get 0. Returns weights (M,) summing to 1."""
+    c = probs[0].shape[1]
+    w = np.full(len(probs), 1.0 / len(probs))
+    labels = np.stack([p.argmax(1) for p in probs])  # (M, T)
+    for _ in range(max(iters, 1)):
+        consensus = mean_probs(probs, w).argmax(1)
+        agree = np.clip((labels == consensus[None]).mean(1), 1.0 / c, 1 - 1e-3)
+        new = np.maximum(np.log(agree * (c - 1) / (1 - agree)), 0.0)
+        new = new / new.sum() if new.sum() > 0 else np.full(len(probs), 1.0 / len(probs))
+        if np.allclose(new, w, atol=1e-6):
+            break
+        w = new
+    return w
+
+
+@rule("agreement")
+def rule_agreement(m: Members, p: RuleParams) -> Combined:
+    w = agreement_weights(m.probs, p.agreement_iters)
+    return Combined(mean_probs(m.oof, w), mean_probs(m.probs, w), w,
+                    "weights from agreement with the consensus on the test images (label-free)")
+
+
+@rule("transductive")
+def rule_transductive(m: Members, p: RuleParams) -> Combined:
+    keep = np.array(m.transductive, bool) if m.transductive else np.zeros(len(m.names), bool)
+    if not keep.any():
+        raise UserError("ensemble.method=transductive: no transductive member "
+                        f"(members: {', '.join(m.names)})")
+    w = keep / keep.sum()
+    return Combined(mean_probs(m.oof, w), mean_probs(m.probs, w), w,
+                    "equal weights over the transductive members: "
+                    + ", ".join(n for n, k in zip(m.names, keep) if k))
+
+
+@rule("preferred")
+def rule_preferred(m: Members, p: RuleParams) -> Combined:
+    chosen = next((n for n in p.preferred if n in m.names), None)
+    if chosen is None:
+        raise UserError(f"ensemble.preferred: none of {', '.join(p.preferred) or '(empty)'} is a member "
+                        f"(members: {', '.join(m.names)})")
+    k = m.names.index(chosen)
+    return Combined(m.oof[k], m.probs[k], np.eye(len(m.names))[k], f"fixed member {chosen} (ensemble.preferred)")
+
+
+def one_se_members(oof: list[np.ndarray], y: np.ndarray) -> np.ndarray:
+    """Members whose LOO accuracy is within one binomial standard error of the best member's
+    (the one-standard-error rule, Breiman et al. 1984): se = sqrt(a (1 - a) / L) at the best
+    accuracy a; with 30 labels that is ~5 points, so only clearly worse members drop out.
+    Returns a boolean mask (M,)."""
+    acc = np.array([accuracy(o, y) for o in oof])
+    top = float(acc.max())
+    se = np.sqrt(top * (1 - top) / max(len(y), 1))
+    return acc >= top - se - 1e-12
+
+
+@rule("top")
+def rule_top(m: Members, p: RuleParams) -> Combined:
+    """Equal-weight mean of the members within one standard error of the best LOO; CV nested."""
+    keep = one_se_members(m.oof, m.y)
+    w = keep / keep.sum()
+    nested = np.zeros_like(m.oof[0], dtype=np.float32)
+    rows = np.arange(len(m.y))
+    for i in rows:  # row i is combined over the members chosen on the other rows
+        ki = one_se_members([o[rows != i] for o in m.oof], m.y[rows != i])
+        nested[i] = mean_probs([o[i:i + 1] for o in m.oof], ki / ki.sum())[0]
+    return Combined(nested, mean_probs(m.probs, w), w,
+                    "mean of the members within one SE of the best LOO: "
+                    + ", ".join(n for n, k in zip(m.names, keep) if k))
+
+
+def test_agreement(probs: list[np.ndarray]) -> float:
+    """Mean over member pairs of the fraction of test images on which both argmaxes agree (label-free)."""
+    labels = [p.argmax(1) for p in probs]
+    pairs = [(a == b).mean() for i, a in enumerate(labels) for b in labels[i + 1:]]
+    return float(np.mean(pairs)) if pairs else 1.0
+
+
+@rule("gated")
+def rule_gated(m: Members, p: RuleParams) -> Combined:
+    """The uniform mean when the members agree (mean pairwise test agreement >= ensemble.gate_agreement),
+    else the preferred member: when members disagree a lot, the mean is dragged by the weak ones. Label-free."""
+    agree = test_agreement(m.probs)
+    if agree >= p.gate_agreement:
+        c = rule_mean(m, p)
+        return Combined(c.oof, c.test, c.weights, f"members agree {agree:.2f} >= {p.gate_agreement:g}: equal weights")
+    c = rule_preferred(m, p)
+    return Combined(c.oof, c.test, c.weights, f"members agree {agree:.2f} < {p.gate_agreement:g}: {c.note}")
+
+
+@rule("stack")
+def rule_stack(m: Members, p: RuleParams) -> Combined:
+    """LightGBM on the concatenated group-fold OOF probabilities; CV on the same group folds."""
+    stackable = [k for k, s in enumerate(m.stack or []) if s is not None]
+    if not stackable or m.table is None:
+        raise UserError("ensemble.method=stack: no member has stacker features (05_heads stack_rows.csv / stack_oof.npy)")
+    table = m.table
+    folds, groups = table["fold"].to_numpy(), table["group"].to_numpy()
+    check_folds(groups, folds)  # a split group would leak its label into its own features
+    feats = np.hstack([m.stack[k] for k in stackable])
+    yr, wr = table["y"].to_numpy(), table["weight"].to_numpy(np.float64)
+    labeled = table["labeled"].to_numpy(bool)
+    kw = dict(rounds=p.stacker_rounds, lr=p.stacker_lr, leaves=p.stacker_leaves, seed=p.seed)
+    oof = stack_oof(feats, yr, folds, wr, m.n_classes, **kw)
+    model = fit_stacker(feats, yr, wr, m.n_classes, **kw)
+    test = model(np.hstack([m.probs[k] for k in stackable]))
+    # The table's labeled rows are the labeled images in order (written so by 05_heads).
+    return Combined(oof[labeled], test, None, f"LightGBM on {len(stackable)} members' group-fold OOF, {len(table)} rows")
+
+
+def pick_best(results: dict[str, Combined], y: np.ndarray) -> tuple[str, Combined]:
+    """The rule with the best local CV (accuracy, log-loss, then dict order), with its CV nested:
+    row i takes the rule that is best on the other rows. Returns (name, Combined)."""
+    names = list(results)
+    best = min(range(len(names)), key=lambda k: (*_score_key(results[names[k]].oof, y), k))
+    chosen = results[names[best]]
+    return names[best], Combined(nested_choice([results[n].oof for n in names], y), chosen.test, chosen.weights,
+                                 f"best local CV among {', '.join(names)}: {names[best]} ({chosen.note})")
+
+
+def _auto_candidates(m: Members, p: RuleParams) -> list[str]:
+    # e.g. no stacker features: auto simply does without the stacker.
+    return [n for n in p.auto_candidates if applicable(n, m, p)]
+
+
+@rule("auto")
+def rule_auto(m: Members, p: RuleParams) -> Combined:
+    """The candidate rule (ensemble.auto_candidates) with the best local CV; CV nested."""
+    return pick_best(apply_rules(_auto_candidates(m, p), m, p), m.y)[1]
+
+
+def applicable(name: str, m: Members, p: RuleParams) -> bool:
+    """Whether rule `name` can run on these members (stack: stacker features; transductive: a
+    transductive member; preferred and gated: a preferred member present)."""
+    if name == "stack":
+        return m.table is not None and any(s is not None for s in (m.stack or []))
+    if name == "transductive":
+        return any(m.transductive)
+    if name in ("preferred", "gated"):
+        return any(n in m.names for n in p.preferred)
+    return True
+
+
+def apply_rules(names: list[str], m: Members, p: RuleParams) -> dict[str, Combined]:
+    """Every rule in `names` on the same members; "auto" reuses the candidates already computed."""
+    out: dict[str, Combined] = {}
+
+    def get(name: str) -> Combined:
+        if name not in out:
+            check_rule(name)
+            if name == "auto":
+                out[name] = pick_best({n: get(n) for n in _auto_candidates(m, p)}, m.y)[1]
+            else:
+                out[name] = RULES[name](m, p)
+        return out[name]
+
+    return {n: get(n) for n in names}
+
+
+def check_rule(name: str, key: str = "ensemble.method") -> None:
+    if name not in RULES:
+        raise UserError(f"{key}: unknown rule '{name}' (known: {', '.join(RULES)})")
+
+
+def combine(name: str, m: Members, p: RuleParams) -> Combined:
+    """Apply rule `name` to the members (UserError for an unknown rule)."""
+    return apply_rules([name], m, p)[name]

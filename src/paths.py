@@ -126,6 +126,11 @@ class RunPaths:
     def head_stack_oof(self, head: str, stage: str = "heads") -> Path:
         return self.head_dir(head, stage) / "stack_oof.npy"
 
+    # support re-draws of the local CV: per draw, the support and query rows (indices into the
+    # labeled rows) and the query probabilities; keys "<k>-shot/support|query|probs"
+    def head_redraws(self, head: str, stage: str = "heads") -> Path:
+        return self.head_dir(head, stage) / "redraws.safetensors"
+
     @property
     def stack_table(self) -> Path:
         return self.stage("heads") / "stack_rows.csv"
@@ -137,6 +142,11 @@ class RunPaths:
     @property
     def report_dir(self) -> Path:
         return self.stage("submit") / "report"
+
+    # ---- re-draw evaluation of the ensemble rules (src/selection.py; not a stage) ----
+    @property
+    def redraw_dir(self) -> Path:
+        return self.run / "redraw"
 
     # ---- provenance ----
     def done_marker(self, stage: str) -> Path:

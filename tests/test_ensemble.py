@@ -110,3 +110,138 @@ def test_stacker_learns_which_member_to_trust():
     assert acc > 0.9 and (a.argmax(1) == y).mean() < 0.75 and (b.argmax(1) == y).mean() < 0.75
     predict = fit_stacker(feats, np.zeros(len(y), int), np.ones(len(y)), 4)
     np.testing.assert_array_equal(predict(feats[:3]), np.tile([1, 0, 0, 0], (3, 1)))  # one class: constant
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules (src.ensemble.RULES): shared by 06_submit and the re-draw evaluator
+# ------------------------------------------------------------------------------------------------
+from src.ensemble import (RULES, Members, RuleParams, agreement_weights, apply_rules, nested_choice,  # noqa: E402
+                          shrink_weights)
+
+
+def members_case(seed=0, accs=(0.9, 0.6, 0.3), n_lab=30, n_test=400, c=5, transductive=(True, False, False)):
+    rng = np.random.default_rng(seed)
+    y, truth = np.arange(n_lab) % c, rng.integers(0, c, n_test)
+    oof = [noisy_onehot(rng, y, c, a) for a in accs]
+    probs = [noisy_onehot(rng, truth, c, a) for a in accs]
+    names = [f"m{k}" for k in range(len(accs))]
+    return Members(names, oof, probs, y, list(transductive)), truth
+
+
+def test_agreement_weights_find_the_accurate_members_without_labels():
+    m, truth = members_case(accs=(0.9, 0.85, 0.2, 0.2))
+    w = agreement_weights(m.probs)
+    assert w.sum() == pytest.approx(1.0) and w[0] > w[2] and w[1] > w[3]
+    assert w[2] < 0.1 and w[3] < 0.1  # near-chance members get (almost) nothing
+    # hand case: 3 members on 4 rows, member 2 always disagrees with the other two
+    eye = np.eye(3, dtype=np.float32)
+    a = eye[[0, 1, 2, 0]]
+    b = eye[[0, 1, 2, 0]]
+    c = eye[[1, 2, 0, 1]]
+    w = agreement_weights([a, b, c], iters=5)
+    np.testing.assert_allclose(w, [0.5, 0.5, 0.0], atol=1e-6)
+
+
+def test_shrink_weights_are_uniform_when_the_loo_spread_is_noise():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 30)
+    same = [noisy_onehot(np.random.default_rng(k), y, 5, 0.8) for k in range(3)]
+    accs = [float((o.argmax(1) == y).mean()) for o in same]
+    w, r = shrink_weights(same, y, rounds=20)
+    # spread of a few points against a binomial se of ~7 points: pure noise -> uniform
+    assert np.var(accs) < 0.8 * 0.2 / 30 and r == 0.0 and np.allclose(w, 1 / 3)
+    good, bad = noisy_onehot(rng, y, 5, 1.0), noisy_onehot(rng, y, 5, 0.0)
+    w, r = shrink_weights([bad, good], y, rounds=20)
+    assert r > 0.8 and w[1] > 0.9  # a spread far above the noise: trust the greedy weights
+
+
+def test_nested_choice_never_reads_the_scored_row():
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 20)
+    cands = [noisy_onehot(rng, y, 3, a) for a in (0.8, 0.75, 0.4)]
+    base = nested_choice(cands, y)
+    for i in (0, 5, 19):
+        y2 = y.copy()
+        y2[i] = (y[i] + 1) % 3
+        np.testing.assert_array_equal(nested_choice(cands, y2)[i], base[i])
+
+
+def test_rules_hand_values_and_errors():
+    m, _ = members_case()
+    p = RuleParams(preferred=["nope", "m1"], auto_candidates=["mean", "best"])
+    out = apply_rules(["mean", "best", "agreement", "transductive", "preferred", "shrunk", "weighted", "rank", "auto"],
+                      m, p)
+    np.testing.assert_allclose(out["mean"].test, mean_probs(m.probs), atol=1e-6)
+    np.testing.assert_array_equal(out["best"].test, m.probs[0])  # m0 has the best LOO
+    np.testing.assert_array_equal(out["transductive"].test, m.probs[0])  # the only transductive member
+    np.testing.assert_array_equal(out["preferred"].test, m.probs[1])  # first preferred name that is a member
+    assert out["agreement"].weights.argmax() == 0 and out["agreement"].weights.sum() == pytest.approx(1)
+    # auto = the candidate with the best local CV, reusing the candidates' outputs
+    best_cand = "best" if (out["best"].oof.argmax(1) == m.y).mean() > (out["mean"].oof.argmax(1) == m.y).mean() \
+        else "mean"
+    np.testing.assert_array_equal(out["auto"].test, out[best_cand].test)
+    for r in out.values():
+        assert r.oof.shape == m.oof[0].shape and r.test.shape == m.probs[0].shape
+    with pytest.raises(UserError, match="no transductive member"):
+        RULES["transductive"](Members(m.names, m.oof, m.probs, m.y, [False] * 3), p)
+    with pytest.raises(UserError, match="ensemble.preferred: none of nope"):
+        RULES["preferred"](m, RuleParams(preferred=["nope"]))
+    with pytest.raises(UserError, match="no member has stacker features"):
+        RULES["stack"](m, p)
+    with pytest.raises(UserError, match="ensemble.method: unknown rule 'nope'"):
+        apply_rules(["nope"], m, p)
+
+
+def test_rules_read_no_truth():
+    """Rules take Members only: scrambling the test truth cannot change what they output (spy on
+    the arguments: no array a rule receives equals the truth)."""
+    m, truth = members_case(seed=4)
+    p = RuleParams(auto_candidates=["mean", "weighted", "rank"], preferred=["m0"])
+    names = ["mean", "weighted", "rank", "best", "shrunk", "agreement", "transductive", "top", "gated", "auto"]
+    first = apply_rules(names, m, p)
+    again = apply_rules(names, m, p)  # deterministic
+    for n in names:
+        np.testing.assert_array_equal(first[n].test, again[n].test)
+    received = [m.y, *m.oof, *m.probs]
+    assert not any(a.shape == truth.shape and (a == truth).all() for a in received)
+
+
+def oof_correct_on(y, n_correct, c):
+    """One-hot OOF probabilities right on the first n_correct rows, wrong (y+1) on the rest."""
+    pred = np.where(np.arange(len(y)) < n_correct, y, (y + 1) % c)
+    return np.eye(c, dtype=np.float32)[pred]
+
+
+def test_top_rule_keeps_the_members_within_one_standard_error():
+    y = np.arange(30) % 5
+    oof = [oof_correct_on(y, n, 5) for n in (27, 26, 24)]  # LOO 0.90, 0.867, 0.80; se at 0.9: 0.0548
+    rng = np.random.default_rng(0)
+    probs = [rng.dirichlet(np.ones(5), 50).astype(np.float32) for _ in range(3)]
+    m = Members(["a", "b", "c"], oof, probs, y, [False] * 3)
+    out = RULES["top"](m, RuleParams())
+    np.testing.assert_allclose(out.weights, [0.5, 0.5, 0.0])
+    np.testing.assert_allclose(out.test, (probs[0] + probs[1]) / 2, atol=1e-6)
+    assert "a, b" in out.note
+    # nested CV: row 0 (right for every member) is combined over the set chosen without it:
+    # a 26/29, b 25/29, c 23/29, se at 26/29 = 0.0566 -> a, b again
+    np.testing.assert_allclose(out.oof[0], (oof[0][0] + oof[1][0]) / 2, atol=1e-6)
+
+
+def test_gated_rule_is_the_mean_when_members_agree_else_the_preferred_member():
+    rng = np.random.default_rng(1)
+    y = np.arange(30) % 3
+    base = rng.dirichlet(np.ones(3), 100).astype(np.float32)
+    near = base.copy()
+    near[:5] = near[:5, ::-1]  # agrees with base on >= 95% of rows
+    oof = [oof_correct_on(y, 20, 3)] * 2
+    m = Members(["pt_map", "knn"], oof, [base, near], y, [True, False])
+    p = RuleParams(preferred=["propagation", "pt_map"], gate_agreement=0.9)
+    np.testing.assert_allclose(RULES["gated"](m, p).test, RULES["mean"](m, p).test)
+    far = rng.dirichlet(np.ones(3), 100).astype(np.float32)  # agrees ~1/3 of the time
+    m2 = Members(["pt_map", "knn"], oof, [base, far], y, [True, False])
+    out = RULES["gated"](m2, p)
+    np.testing.assert_array_equal(out.test, base)
+    np.testing.assert_array_equal(out.weights, [1, 0])
+    assert "< 0.9: fixed member pt_map" in out.note
+    with pytest.raises(UserError, match="ensemble.preferred: none of nope"):
+        RULES["gated"](m2, RuleParams(preferred=["nope"], gate_agreement=1.0))

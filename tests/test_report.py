@@ -112,7 +112,7 @@ def test_heads_submit_report_end_to_end(truth_comp, tmp_path, capsys):
 
 def test_final_line_prints_truth_accuracy(truth_comp, tmp_path, capsys):
     cfg, paths, overrides = make_run(truth_comp, tmp_path, pseudo=False,
-                                     extra=["heads.heads=[protonet,knn]", "ensemble.report=false"])
+                                     extra=["heads.heads=[protonet,knn]", "ensemble.report=false", "ensemble.method=auto"])
     run_stage(get_stage("heads"), cfg)
     capsys.readouterr()
     run_stage(get_stage("submit"), cfg)
@@ -120,11 +120,13 @@ def test_final_line_prints_truth_accuracy(truth_comp, tmp_path, capsys):
     final = [line for line in out if "test accuracy" in line][-1]
     summary = io.read_json(paths.done_marker("submit"))["summary"]
     assert final.startswith(f"t test accuracy {summary['test_accuracy']:.4f} (truth file ")
-    # method auto: the combiner with the best local CV (then lower log-loss), never chosen on truth
+    # method auto: the candidate rule with the best local CV (then lower log-loss), never chosen on truth
     rows = io.read_json(paths.stage("submit") / "ensemble.json")["rows"]
-    combiners = {k.split(":")[1]: r for k, r in rows.items() if k.startswith("ensemble:")}
-    best = min(combiners, key=lambda k: (-combiners[k]["accuracy"], combiners[k]["log_loss"]))
-    assert summary["method"] == best and f"(ensemble:{best})" in final
+    cands = [c for c in cfg.ensemble.auto_candidates if f"ensemble:{c}" in rows]
+    best = min(cands, key=lambda k: (-rows[f"ensemble:{k}"]["accuracy"], rows[f"ensemble:{k}"]["log_loss"], cands.index(k)))
+    assert summary["method"] == "auto" and "(ensemble:auto)" in final
+    assert rows["ensemble:auto"]["test_accuracy"] == rows[f"ensemble:{best}"]["test_accuracy"]
+    assert f": {best} (" in io.read_json(paths.stage("submit") / "ensemble.json")["note"]
     # truth only scores: scrambled truth labels change the printed accuracy, not the submission
     before = paths.submission("ensemble").read_text(), io.read_json(paths.submission("ensemble").with_suffix(".json"))
     truth_file = truth_comp.parent / "truth.csv"
@@ -152,6 +154,13 @@ def test_submit_bad_member_leaves_nothing_written(truth_comp, tmp_path, capsys):
     assert not paths.submission("protonet").exists() and not paths.done_marker("submit").exists()
     with pytest.raises(UserError, match="ensemble.members: 'nope' has no outputs"):
         run_stage(get_stage("submit"), load_config(None, overrides + ["ensemble.members=[nope]"]))
+    # bad rule names: one line naming the key, exit 2, checked before any member is read
+    for arg, key in (("ensemble.method=nope", "ensemble.method: unknown rule 'nope'"),
+                     ("ensemble.auto_candidates=[mean,nope]", "ensemble.auto_candidates: unknown rule 'nope'"),
+                     ("ensemble.auto_candidates=[auto]", "ensemble.auto_candidates: 'auto' cannot be"),
+                     ("ensemble.gate_agreement=1.5", "ensemble.gate_agreement: must be in [0, 1]")):
+        code, err = run_script("06_submit.py", *overrides, arg, capsys=capsys)
+        assert code == 2 and err.strip().count("\n") == 0 and key in err, err
 
 
 def test_heads_stage_user_errors(truth_comp, tmp_path, capsys):

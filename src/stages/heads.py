@@ -74,7 +74,17 @@ def read_pseudo_labels(paths: RunPaths, data: CompetitionData, min_confidence: f
     path = paths.pseudo_labels()
     if not (paths.done_marker("pseudo").exists() and path.exists()):
         return None
-    frame = read_label_table(path, ("image_id", "label", "confidence", "selected"))
+    return pseudo_rows(read_label_table(path, ("image_id", "label", "confidence", "selected")), data,
+                       min_confidence, path)
+
+
+def pseudo_rows(frame: pd.DataFrame, data: CompetitionData, min_confidence: float = 0.0,
+                path="pseudo-labels") -> pd.DataFrame:
+    """A 02_pseudo label table (image_id, label, confidence, selected) -> the selected rows as
+    DataFrame(row, y (class id), confidence), most confident first, never a labeled row."""
+    missing = {"image_id", "label", "confidence", "selected"} - set(frame.columns)
+    if missing:
+        raise UserError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
     selected = frame["selected"]
     if selected.dtype != bool:
         selected = selected.astype(str).str.strip().str.lower().isin(["true", "1"])
@@ -196,6 +206,51 @@ def stack_rows(cfg: Config, h: HeadInputs, pool: pd.DataFrame | None, x: np.ndar
     return table
 
 
+def head_inputs(cfg: Config, data: CompetitionData, x: np.ndarray, pool: pd.DataFrame | None,
+                device=None, context: TransductiveContext | None = None) -> HeadInputs:
+    """The heads' inputs: embeddings x (N, D), the labeled rows of `data`, (with heads.use_pseudo)
+    the pseudo-labels of `pool` capped per class, each in the group of the labeled image it inherited
+    from, and the transductive heads' context over every image (`context`, else a new one over x).
+    No near-duplicate support (run() adds it)."""
+    labeled = data.labeled_idx
+    h = HeadInputs(x=x, images=data.images, n_classes=data.n_classes, labeled=labeled,
+                   labeled_y=data.class_ids[labeled], test=data.test_idx,
+                   pseudo=np.zeros(0, np.int64), pseudo_y=np.zeros(0, np.int64), pseudo_w=np.zeros(0, np.float32),
+                   pseudo_group=np.zeros(0, np.int64),
+                   context=context if context is not None else TransductiveContext(x, device))
+    support = cap_per_class(pool, cfg.heads.pseudo_max_per_class) if pool is not None and cfg.heads.use_pseudo else None
+    if support is not None and len(support):
+        h.pseudo, h.pseudo_y = support["row"].to_numpy(), support["y"].to_numpy()
+        h.pseudo_w = support["confidence"].to_numpy(np.float32)
+        h.pseudo_group = inherited_from(x, h.pseudo, h.pseudo_y, labeled, h.labeled_y)
+    return h
+
+
+def head_outputs(name: str, cfg: Config, h: HeadInputs, table: pd.DataFrame | None, encoder=None,
+                 device=None) -> dict:
+    """One head's contract arrays: "probs" (T, C) on the test rows (fit on every labeled row, plus
+    the pseudo-labeled support), "oof" (L, C) leave-one-out over the labeled rows, "stack" (R, C)
+    group-fold OOF over `table`'s rows (None without a table); plus "labeled_fp" (the fit_predict
+    over the labeled rows, for re-draws) and "runs_encoder"."""
+    use_pseudo = cfg.heads.use_pseudo and name in cfg.heads.pseudo_heads
+    ones = np.ones(len(h.labeled), np.float32)
+
+    def over(rows, ys, ws, grp):
+        return fit_predict_fn(name, cfg, h, encoder, device, use_pseudo, rows, ys, ws, grp, h.test)
+
+    labeled_fp = over(h.labeled, h.labeled_y, ones, np.arange(len(h.labeled)))
+    # Final model: every labeled row (and all pseudo support); test rows are the query set.
+    head = make_head(name, cfg, encoder, device, h.context)
+    probs = _predict_test(h, head, use_pseudo)
+    oof = leave_one_out(labeled_fp, h.labeled_y)
+    stack = None
+    if table is not None:
+        stack = group_oof(over(table["row"].to_numpy(), table["y"].to_numpy(), table["weight"].to_numpy(np.float32),
+                               table["group"].to_numpy()), table["fold"].to_numpy())
+    return {"probs": probs, "oof": oof, "stack": stack, "labeled_fp": labeled_fp, "runs_encoder": head.runs_encoder,
+            "use_pseudo": use_pseudo}
+
+
 def validate(cfg: Config) -> None:
     for name in cfg.heads.heads:
         HEADS.get(name)  # unknown head -> UserError listing the known ones
@@ -232,18 +287,8 @@ def run(cfg: Config, paths: RunPaths) -> dict:
 
     # Pseudo-labels feed the episodes and the stacker's rows always, the heads' supports only with use_pseudo.
     pool = read_pseudo_labels(paths, data, cfg.heads.pseudo_min_confidence)
-    support = None
-    if pool is not None and cfg.heads.use_pseudo:
-        support = cap_per_class(pool, cfg.heads.pseudo_max_per_class)
-    labeled = data.labeled_idx
-    h = HeadInputs(x=x, images=data.images, n_classes=data.n_classes, labeled=labeled,
-                   labeled_y=data.class_ids[labeled], test=data.test_idx,
-                   pseudo=np.zeros(0, np.int64), pseudo_y=np.zeros(0, np.int64), pseudo_w=np.zeros(0, np.float32),
-                   pseudo_group=np.zeros(0, np.int64), context=TransductiveContext(x, device))
-    if support is not None and len(support):
-        h.pseudo, h.pseudo_y = support["row"].to_numpy(), support["y"].to_numpy()
-        h.pseudo_w = support["confidence"].to_numpy(np.float32)
-        h.pseudo_group = inherited_from(x, h.pseudo, h.pseudo_y, labeled, h.labeled_y)
+    h = head_inputs(cfg, data, x, pool, device)
+    labeled = h.labeled
     near = near_duplicate_pass(cfg, paths, data, x, device)
     if cfg.dedup.test_support:
         h.dup, h.dup_y, h.dup_group = near_duplicate_support(cfg, paths, data, near)
@@ -312,29 +357,20 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
         print(f"  {name}: done earlier (resumed)")
         return io.read_json(record_path)
     t0 = time.perf_counter()
-    use_pseudo = cfg.heads.use_pseudo and name in cfg.heads.pseudo_heads
     seed = cfg.run.seed
     ones = np.ones(len(h.labeled), np.float32)
     groups = np.arange(len(h.labeled))
-
-    def over(rows, ys, ws, grp):
-        return fit_predict_fn(name, cfg, h, encoder, device, use_pseudo, rows, ys, ws, grp, h.test)
-
-    labeled_fp = over(h.labeled, h.labeled_y, ones, groups)
-    # Final model: every labeled row (and all pseudo support); test rows are the query set.
-    head = make_head(name, cfg, encoder, device, h.context)
-    probs = _predict_test(h, head, use_pseudo)
-    oof = leave_one_out(labeled_fp, h.labeled_y)
+    out = head_outputs(name, cfg, h, table, encoder, device)
+    probs, oof, stack, labeled_fp, use_pseudo = (out[k] for k in ("probs", "oof", "stack", "labeled_fp", "use_pseudo"))
     loo_plain = None
     if use_pseudo and len(h.pseudo):  # the same head without pseudo-labels: no echo possible
         plain_fp = fit_predict_fn(name, cfg, h, encoder, device, False, h.labeled, h.labeled_y, ones, groups, h.test,
                                   use_dup=False)
         loo_plain = cv_summary(leave_one_out(plain_fp, h.labeled_y), h.labeled_y)
-    stack = group_oof(over(table["row"].to_numpy(), table["y"].to_numpy(), table["weight"].to_numpy(np.float32),
-                           table["group"].to_numpy()), table["fold"].to_numpy())
-    max_fits = cfg.cv.encoder_max_fits if head.runs_encoder else None
+    max_fits = cfg.cv.encoder_max_fits if out["runs_encoder"] else None
     n_redraws = min(cfg.cv.redraws, max_fits or cfg.cv.redraws)
-    redraws = support_redraws(labeled_fp, h.labeled_y, tuple(cfg.cv.shots), n_redraws, seed)
+    draws: dict = {}
+    redraws = support_redraws(labeled_fp, h.labeled_y, tuple(cfg.cv.shots), n_redraws, seed, keep=draws)
     if episode_pool is None:
         episodic = {"skipped": "no pseudo-labels (run 02_pseudo)"}
     elif not len(episode_pool):
@@ -351,6 +387,7 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
     io.write_npy(paths.head_probs(name), probs.astype(np.float32))
     io.write_npy(paths.head_oof(name), oof.astype(np.float32))
     io.write_npy(paths.head_stack_oof(name), stack.astype(np.float32))
+    save_redraws(paths.head_redraws(name), draws)
     is_labeled = table["labeled"].to_numpy(bool)
     stack_acc = float((stack[is_labeled].argmax(1) == table["y"].to_numpy()[is_labeled]).mean())
     record = {"loo": cv_summary(oof, h.labeled_y), "loo_labeled_only": loo_plain, "redraws": redraws,
@@ -365,6 +402,28 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
           + ("" if record["test_accuracy"] is None else f"  test {record['test_accuracy']:.4f}")
           + f"  ({record['seconds']:.1f}s)")
     return record
+
+
+def save_redraws(path, draws: dict) -> None:
+    """Per-draw support re-draw arrays ({"<k>-shot": {"support", "query", "probs"}}) as one
+    safetensors file with keys "<k>-shot/<array>"; 06_submit scores ensembles on the same draws."""
+    import torch
+
+    flat = {f"{shot}/{name}": torch.from_numpy(np.ascontiguousarray(a)) for shot, arrays in draws.items()
+            for name, a in arrays.items()}
+    if flat:
+        io.save_tensors(path, flat)
+
+
+def load_redraws(path) -> dict:
+    """The inverse of save_redraws: {"<k>-shot": {"support", "query", "probs"}} ({} if absent)."""
+    if not path.exists():
+        return {}
+    out: dict = {}
+    for key, value in io.load_tensors(path).items():
+        shot, name = key.split("/", 1)
+        out.setdefault(shot, {})[name] = value.numpy()
+    return out
 
 
 def _predict_test(h: HeadInputs, head, use_pseudo: bool) -> np.ndarray:

@@ -1,12 +1,13 @@
 """Stage 06: ensemble the heads (and the 04_meta methods), write the submissions, render the report.
 
 Members: every head of 05_heads and every 04_meta method that wrote the head contract
-(``probs_test.npy`` + ``oof.npy``), or ``ensemble.members``. All four combiners are scored on local
-CV (leave-one-out probabilities of the labeled images; the weighted mean's weights are chosen on
-those probabilities and scored nested); ``ensemble.method`` is the one submitted, or with "auto"
-the combiner with the best local CV (ties: lower log-loss, then the simpler one). The LightGBM
-stacker trains on the heads' group-fold out-of-fold probabilities (labeled + pseudo-labeled rows,
-see src/ensemble.py); its CV is its own out-of-fold accuracy on the labeled rows.
+(``probs_test.npy`` + ``oof.npy``) from the stages in ``ensemble.sources``, or ``ensemble.members``.
+Every rule of src/ensemble.py's RULES that applies to them is scored on local CV (leave-one-out
+probabilities of the labeled images; rules that read labels are scored nested) and, where the
+members wrote their support re-draws (05_heads), on the same re-draws, so the reported local CV
+carries the spread across supports beside its Wilson interval. ``ensemble.method`` is the rule
+submitted; its default was chosen on the re-draw evaluation of src/selection.py (README,
+docs/RESULTS.md).
 
 Truth (data.truth) only scores: it is printed beside local CV and drawn in the report.
 """
@@ -19,22 +20,45 @@ from src import io
 from src.config import Config
 from src.cv import cv_summary, public_truth, truth_accuracy
 from src.data import CompetitionData, load_data
-from src.ensemble import (check_folds, fit_stacker, greedy_weights, log_loss, mean_probs, nested_weighted_oof,
-                          rank_average, stack_oof)
+from src.ensemble import RULES, Members, RuleParams, applicable, apply_rules, check_rule, log_loss
 from src.errors import UserError
 from src.paths import RunPaths
 from src.stages import Stage
 from src.submission import write_submission
 
-COMBINERS = ("mean", "weighted", "rank", "stack")  # simplest first: "auto" breaks full ties by this order
-METHODS = ("auto", *COMBINERS)
+SOURCES = ("heads", "meta")
+
+
+def validate(cfg: Config) -> None:
+    e = cfg.ensemble
+    check_rule(e.method)
+    if not e.auto_candidates:
+        raise UserError("ensemble.auto_candidates: empty list (name at least one rule)")
+    for name in e.auto_candidates:
+        check_rule(name, "ensemble.auto_candidates")
+        if name == "auto":
+            raise UserError(f"ensemble.auto_candidates: '{name}' cannot be a candidate of auto")
+    if e.method in ("preferred", "gated") and not e.preferred:
+        raise UserError(f"ensemble.preferred: empty list (ensemble.method={e.method} needs a member name)")
+    if not 0 <= e.gate_agreement <= 1:
+        raise UserError(f"ensemble.gate_agreement: must be in [0, 1], got {e.gate_agreement}")
+    for key in ("weight_rounds", "agreement_iters", "stacker_rounds", "stacker_leaves"):
+        if getattr(e, key) < 1:
+            raise UserError(f"ensemble.{key}: must be >= 1, got {getattr(e, key)}")
+    bad = [s for s in e.sources if s not in SOURCES]
+    if bad or not e.sources:
+        raise UserError(f"ensemble.sources: expected a non-empty list of {', '.join(SOURCES)}, got {e.sources}")
 
 
 def discover_members(cfg: Config, paths: RunPaths) -> dict[str, dict]:
     """name -> {"probs", "oof", "stack" (path or None), "source"}: 05_heads heads, then 04_meta
     methods as meta_<method>. ensemble.members (if set) selects and orders them."""
+    from src.heads import HEADS
+
     found: dict[str, dict] = {}
     for stage, prefix in (("heads", ""), ("meta", "meta_")):
+        if stage not in cfg.ensemble.sources and not cfg.ensemble.members:
+            continue  # ensemble.members, when set, names members of any stage
         root = paths.stage(stage)
         if not root.is_dir() or (stage == "meta" and not paths.done_marker("meta").exists()):
             continue
@@ -44,7 +68,10 @@ def discover_members(cfg: Config, paths: RunPaths) -> dict[str, dict]:
             if paths.head_probs(name, stage).exists() and paths.head_oof(name, stage).exists():
                 stack = paths.head_stack_oof(name, stage)
                 found[prefix + name] = {"probs": paths.head_probs(name, stage), "oof": paths.head_oof(name, stage),
-                                        "stack": stack if stack.exists() else None, "source": stage}
+                                        "stack": stack if stack.exists() else None, "source": stage,
+                                        "redraws": paths.head_redraws(name, stage),
+                                        "transductive": stage == "heads" and name in HEADS
+                                        and bool(HEADS.get(name).transductive)}
     if cfg.ensemble.members:
         unknown = [m for m in cfg.ensemble.members if m not in found]
         if unknown:
@@ -77,53 +104,42 @@ def load_members(members: dict[str, dict], data: CompetitionData, table: pd.Data
 
 
 def run(cfg: Config, paths: RunPaths) -> dict:
+    validate(cfg)
     e = cfg.ensemble
-    if e.method not in METHODS:
-        raise UserError(f"ensemble.method: expected one of {', '.join(METHODS)}, got '{e.method}'")
     data = load_data(paths)
     truth = public_truth(cfg.data.truth, data.test_ids, data.classes)
     table = pd.read_csv(paths.stack_table) if paths.stack_table.exists() else None
     members = load_members(discover_members(cfg, paths), data, table)
     y = data.class_ids[data.labeled_idx]
     names = list(members)
-    oofs = [members[n]["oof"] for n in names]
-    probs = [members[n]["probs"] for n in names]
+    m = Members(names=names, oof=[members[n]["oof"] for n in names], probs=[members[n]["probs"] for n in names], y=y,
+                transductive=[members[n]["transductive"] for n in names],
+                stack=[members[n]["stack"] for n in names], table=table)
+    params = RuleParams.from_config(e, cfg.run.seed)
+    # Every rule that applies, and the configured one (a UserError when it cannot run).
+    wanted = [r for r in RULES if applicable(r, m, params)]
+    combos = apply_rules(wanted + [e.method] * (e.method not in wanted), m, params)
+    draws, draws_note = member_redraws(members)
 
-    # ---- every member and combiner on local CV (labeled rows) ----
+    # ---- every member and rule on local CV (labeled rows), re-draws and truth ----
     rows: dict[str, dict] = {}
-    for n in names:
-        rows[n] = {**cv_summary(members[n]["oof"], y), "log_loss": log_loss(members[n]["oof"], y),
-                   "test_accuracy": truth_accuracy(members[n]["probs"], truth), "source": members[n]["source"]}
-    weights = greedy_weights(oofs, y, e.weight_rounds)
-    combos = {
-        "mean": (mean_probs(oofs), mean_probs(probs), "equal weights"),
-        "weighted": (nested_weighted_oof(oofs, y, e.weight_rounds), mean_probs(probs, weights),
-                     "weights: greedy selection on LOO probabilities; CV nested"),
-        "rank": (rank_average(oofs), rank_average(probs), "per-class rank average"),
-    }
-    stackable = [n for n in names if members[n]["stack"] is not None]
-    stack_info = None
-    if stackable:
-        stack_info = run_stacker(cfg, members, stackable, table, data.n_classes)
-        combos["stack"] = (stack_info.pop("labeled_oof"), stack_info.pop("test_probs"),
-                           f"LightGBM on {len(stackable)} heads' group-fold OOF, {len(table)} rows")
-    elif e.method == "stack":
-        raise UserError(f"ensemble.method=stack: no member has stacker features ({paths.stack_table} / stack_oof.npy)")
-    for key, (oof, test, note) in combos.items():
-        rows[f"ensemble:{key}"] = {**cv_summary(oof, y), "log_loss": log_loss(oof, y),
-                                   "test_accuracy": truth_accuracy(test, truth), "note": note}
+    for k, n in enumerate(names):
+        rows[n] = {**cv_summary(m.oof[k], y), "log_loss": log_loss(m.oof[k], y),
+                   "redraw": redraw_score(draws, np.eye(len(names))[k], y),
+                   "test_accuracy": truth_accuracy(m.probs[k], truth), "source": members[n]["source"]}
+    for key, c in combos.items():
+        rows[f"ensemble:{key}"] = {**cv_summary(c.oof, y), "log_loss": log_loss(c.oof, y),
+                                   "redraw": redraw_score(draws, c.weights, y),
+                                   "test_accuracy": truth_accuracy(c.test, truth), "note": c.note}
     method = e.method
-    if method == "auto":  # on local CV only: accuracy, then log-loss, then the simpler combiner
-        method = min(combos, key=lambda k: (-rows[f"ensemble:{k}"]["accuracy"], rows[f"ensemble:{k}"]["log_loss"],
-                                             COMBINERS.index(k)))
 
     # ---- submissions ----
-    final = combos[method][1]
+    final = combos[method].test
     best = max(names, key=lambda n: (rows[n]["accuracy"], -rows[n]["log_loss"]))  # on local CV only
-    cv_scores = {n: {k: rows[n][k] for k in ("accuracy", "interval", "n")} for n in rows}
-    sidecar = {"method": method, "method_config": e.method, "members": names,
-               "weights": {n: float(w) for n, w in zip(names, weights)} if method == "weighted" else None,
-               "stack_members": stackable if method == "stack" else None,
+    cv_scores = {n: {k: rows[n][k] for k in ("accuracy", "interval", "n", "redraw")} for n in rows}
+    weights = combos[method].weights
+    sidecar = {"method": method, "members": names, "note": combos[method].note,
+               "weights": None if weights is None else {n: float(w) for n, w in zip(names, weights)},
                "local_cv": cv_scores, "ensemble_cv": cv_scores[f"ensemble:{method}"], "best_single": best}
     sub = write_submission(cfg, paths.submission("ensemble"), data.test_ids, data.classes[final.argmax(1)],
                            data.classes, sidecar)
@@ -133,45 +149,77 @@ def run(cfg: Config, paths: RunPaths) -> dict:
                                   data.classes[members[best]["probs"].argmax(1)], data.classes,
                                   {"method": "single", "members": [best], "local_cv": {best: cv_scores[best]}})
         written[best] = str(single)
-    summary = {"method": method, "method_config": e.method, "members": names,
-               "weights": dict(zip(names, map(float, weights))),
-               "best_single": best, "rows": rows, "stacker": stack_info, "submissions": written}
+    summary = {"method": method, "members": names, "note": combos[method].note,
+               "weights": {r: None if c.weights is None else dict(zip(names, map(float, c.weights)))
+                           for r, c in combos.items()},
+               "redraws": draws_note, "best_single": best, "rows": rows, "submissions": written}
     io.write_json(paths.stage("submit") / "ensemble.json", summary)
 
-    print_table(rows, cfg.data.truth)
+    print_table(rows, cfg.data.truth, draws_note)
     html = None
     if e.report:
         html = report_for_run(cfg, paths, data, rows, method, final, truth)
         print(f"report: {html}")
     ens = rows[f"ensemble:{method}"]
-    line = (f"submission {sub} (ensemble:{method}); local CV {ens['accuracy']:.3f} "
-            f"[{ens['interval'][0]:.2f}, {ens['interval'][1]:.2f}]")
+    line = f"submission {sub} (ensemble:{method}); local CV {format_cv(ens)}"
     if truth is not None:
         line = (f"{cfg.run.name} test accuracy {ens['test_accuracy']:.4f} (truth file {cfg.data.truth}, "
                 f"{int((truth >= 0).sum())} images); " + line)
     print(line)
-    return {"method": method, "local_cv": ens["accuracy"], "test_accuracy": ens["test_accuracy"],
-            "best_single": best, "submission": str(sub), "report": None if html is None else str(html)}
+    return {"method": method, "local_cv": ens["accuracy"], "redraw": ens["redraw"],
+            "test_accuracy": ens["test_accuracy"], "best_single": best, "submission": str(sub),
+            "report": None if html is None else str(html)}
 
 
-def run_stacker(cfg: Config, members: dict, stackable: list[str], table: pd.DataFrame, n_classes: int) -> dict:
-    """LightGBM on the concatenated group-fold OOF probabilities; CV on the same group folds."""
-    e = cfg.ensemble
-    folds, groups = table["fold"].to_numpy(), table["group"].to_numpy()
-    check_folds(groups, folds)  # a split group would leak its label into its own features
-    feats = np.hstack([members[n]["stack"] for n in stackable])
-    yr, wr = table["y"].to_numpy(), table["weight"].to_numpy(np.float64)
-    labeled = table["labeled"].to_numpy(bool)
-    kw = dict(rounds=e.stacker_rounds, lr=e.stacker_lr, leaves=e.stacker_leaves, seed=cfg.run.seed)
-    oof = stack_oof(feats, yr, folds, wr, n_classes, **kw)
-    model = fit_stacker(feats, yr, wr, n_classes, **kw)
-    test = model(np.hstack([members[n]["probs"] for n in stackable]))
-    # The table's labeled rows are data.labeled_idx in order (written so by 05_heads).
-    pseudo_agree = float((oof[~labeled].argmax(1) == yr[~labeled]).mean()) if (~labeled).any() else None
-    best_member_oof = max(float((members[n]["stack"][labeled].argmax(1) == yr[labeled]).mean()) for n in stackable)
-    return {"labeled_oof": oof[labeled], "test_probs": test, "members": stackable, "rows": int(len(table)),
-            "pseudo_rows": int((~labeled).sum()), "pseudo_agreement": pseudo_agree,
-            "best_member_group_fold_accuracy": best_member_oof}
+def member_redraws(members: dict[str, dict]) -> tuple[dict | None, str]:
+    """The support re-draws of the members that wrote them (05_heads: the same draws for every
+    head) at the largest shot count they share: {"shot", "query" (D, Q), "probs" [(D, Q, C) or None
+    per member]}, or None with the reason. Members without re-draws (04_meta methods) get None: a
+    rule that puts weight on one of them has no re-draw score."""
+    from src.stages.heads import load_redraws
+
+    loaded = {n: load_redraws(mem["redraws"]) if mem.get("redraws") is not None else {} for n, mem in members.items()}
+    have = [n for n, d in loaded.items() if d]
+    if not have:
+        return None, "none: no member wrote re-draws"
+    shots = sorted(set.intersection(*(set(loaded[n]) for n in have)), key=lambda k: int(k.split("-")[0]))
+    if not shots:
+        return None, "none: the members share no shot count"
+    shot = shots[-1]
+    first = loaded[have[0]][shot]
+    for n in have:
+        if any(loaded[n][shot][k].shape != first[k].shape or (loaded[n][shot][k] != first[k]).any()
+               for k in ("support", "query")):
+            return None, f"none: member {n} drew other {shot} supports"
+    without = [n for n in members if n not in have]
+    note = (f"{shot} support re-draws from the labeled images ({len(first['query'])} draws, "
+            f"{first['query'].shape[1]} held-out images each)")
+    note += f"; none for {', '.join(without)}" if without else ""
+    return ({"shot": shot, "query": first["query"],
+             "probs": [loaded[n][shot]["probs"] if n in have else None for n in members]}, note)
+
+
+def redraw_score(draws: dict | None, weights: np.ndarray | None, y: np.ndarray) -> dict | None:
+    """Accuracy mean and std over the support re-draws of the members' weighted mean (a rule's
+    weights: label-free rules are scored honestly; weights chosen on all labels have seen the
+    re-draws' held-out images, so they read optimistic). None without re-draws or weights, or
+    when the rule weights a member without re-draws."""
+    if draws is None or weights is None:
+        return None
+    w = np.asarray(weights, np.float64)
+    if any(wi > 0 and p is None for wi, p in zip(w, draws["probs"])):
+        return None
+    combined = sum(wi * p.astype(np.float64) for wi, p in zip(w, draws["probs"]) if wi > 0)  # (D, Q, C)
+    accs = (combined.argmax(2) == y[draws["query"]]).mean(1)
+    return {"shot": draws["shot"], "mean": float(accs.mean()), "std": float(accs.std()), "n_draws": int(len(accs))}
+
+
+def format_cv(r: dict) -> str:
+    """'0.900 [0.74, 0.97], 2-shot re-draws 0.880 ± 0.070': LOO with its Wilson 95% interval (the
+    noise of scoring 30 images) and, when known, the spread over support re-draws."""
+    text = f"{r['accuracy']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]"
+    d = r.get("redraw")
+    return text + ("" if not d else f", {d['shot']} re-draws {d['mean']:.3f} ± {d['std']:.3f}")
 
 
 def report_for_run(cfg: Config, paths: RunPaths, data: CompetitionData, rows: dict, method: str,
@@ -222,11 +270,14 @@ def report_for_run(cfg: Config, paths: RunPaths, data: CompetitionData, rows: di
                          colours, labeled_mask, confusion, lines, cfg.run.seed, cfg.dedup.report_pairs)
 
 
-def print_table(rows: dict[str, dict], truth_name: str) -> None:
-    header = ["member", "local CV [95% CI]", "log-loss"] + (["test acc (truth)"] if truth_name else [])
+def print_table(rows: dict[str, dict], truth_name: str, redraw_note: str = "") -> None:
+    header = ["member", "local CV [95% CI]", "re-draws mean ± std", "log-loss"]
+    header += ["test acc (truth)"] if truth_name else []
     table = [header]
     for n, r in rows.items():
-        line = [n, f"{r['accuracy']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]", f"{r['log_loss']:.3f}"]
+        d = r.get("redraw")
+        line = [n, f"{r['accuracy']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]",
+                "-" if not d else f"{d['mean']:.3f} ± {d['std']:.3f}", f"{r['log_loss']:.3f}"]
         if truth_name:
             line.append("-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}")
         table.append(line)
@@ -235,7 +286,10 @@ def print_table(rows: dict[str, dict], truth_name: str) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(t, widths)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+    if redraw_note:
+        print(f"re-draws: {redraw_note}; rules whose weights read labels saw the held-out images (optimistic)")
 
 
-STAGE = Stage(key="submit", title="ensemble, submissions and run report", sections=("data", "ensemble", "dedup"), run=run,
+STAGE = Stage(key="submit", title="ensemble, submissions and run report",
+              sections=("data", "ensemble", "dedup"), run=run,
               after=("heads",), optional_after=("meta",))

@@ -1,0 +1,34 @@
+"""Re-draw evaluation of the ensemble rules (src/selection.py): draw new supports of the
+competition's shape (2 train + 1 val labeled images per class) from the non-test images whose
+labels the data builder knows, rerun every label-dependent step per draw, apply every rule, score
+against truth. Prints and writes runs/<run>/redraw/table.md and results.json.
+
+    python pipelines/00_prepare.py -c configs/demo.yaml && python pipelines/01_ssl.py -c configs/demo.yaml
+    python pipelines/redraw.py -c configs/demo.yaml --draws 30
+    python pipelines/redraw.py -c configs/demo.yaml --members protonet,knn,pseudo_propagation --rules mean,agreement
+
+Members: heads of src.heads.HEADS by name, and pseudo_<labeler> (one 02_pseudo labeler alone);
+default: heads.heads + pseudo_propagation. Rules: src.ensemble.RULES, each also as <rule>+propagate;
+default: all of them."""
+import _bootstrap  # noqa: F401
+
+from src.cli import config_parser, guarded
+from src.config import load_config
+from src.selection import run_redraws
+
+
+def _names(text):
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+if __name__ == "__main__":
+    parser = config_parser(__doc__)
+    parser.add_argument("--draws", type=int, default=30, help="support re-draws (default 30)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
+    parser.add_argument("--members", default="", help="comma-separated members (default: heads.heads + pseudo_propagation)")
+    parser.add_argument("--rules", default="", help="comma-separated rules (default: every rule, with and without +propagate)")
+    parser.add_argument("--labels", default="", help="image_id,label CSV of every image (default: the data builder's)")
+    parser.add_argument("--fresh", action="store_true", help="recompute the cached member outputs")
+    args = parser.parse_args()
+    guarded(lambda: run_redraws(load_config(args.config, args.overrides), args.draws, _names(args.members),
+                                _names(args.rules), seed=args.seed, labels_csv=args.labels, fresh=args.fresh) and None)

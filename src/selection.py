@@ -1,0 +1,415 @@
+"""Re-draw evaluation of the ensemble rules: which rule to submit, measured against truth.
+
+One competition gives one support (2 train + 1 validation labeled images per class) and, on the
+real data, no truth; 30 labels cannot tell the ensemble rules apart (a LOO accuracy over 30 images
+carries a 95% interval of about +-16 points). On a competition whose every image's label is known
+(the embedded digits data: :func:`src.data.digits.digits_labels`), this module draws many new
+supports of the competition's shape and reruns everything that depends on labels, so each rule is
+scored against truth on many supports:
+
+    for each draw d (seeded): 3 labeled images per class from the NON-test images (never a scored one)
+        02_pseudo round 0 on the label-free SSL embeddings, seeded by the draw's labels
+        every member (a 05_heads head, inductive or transductive: propagation, pt_map, ...) ->
+            test probabilities, leave-one-out probabilities of the 30 labeled images, stacker OOF
+        every rule of src.ensemble.RULES on the members (the rules see no truth) ->
+            test accuracy against truth, local CV (LOO, nested where the rule reads labels)
+
+What is NOT redone per draw (say so when quoting the numbers): the SSL encoder and its embeddings
+(label-free: the same for every draw), 02_pseudo's self-training rounds (round 0 only: the demo
+runs no rounds), 03_metric (label-dependent embeddings: the evaluator's heads read the SSL
+embeddings) and 04_meta (too slow to rerun per draw; its methods are not members here).
+
+Outputs (paths.redraw_dir): results.json (per draw and aggregated), table.md, and a per-draw,
+per-member cache of the member arrays keyed by a fingerprint of the config, seed and code
+version, so adding members or rules recomputes only what is new.
+
+    python pipelines/redraw.py -c configs/demo.yaml --draws 30
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from src import io
+from src.config import Config
+from src.cv import cv_summary
+from src.data import CompetitionData, load_data
+from src.ensemble import RULES, Members, RuleParams, check_rule
+from src.ensemble import apply_rules as ensemble_rules
+from src.errors import UserError
+from src.paths import RunPaths
+
+# ---------------------------------------------------------------------------------------------
+# Labels the builder knows, and the draws
+# ---------------------------------------------------------------------------------------------
+def known_labels(cfg: Config, data: CompetitionData, labels_csv: str = "") -> np.ndarray:
+    """Class ids (N,) of every prepared image whose label is known to the data's builder (or listed in
+    `labels_csv`, image_id,label), -1 elsewhere. Checked against the competition's own labels and
+    against the truth file: a mismatch means the folder was not built by this builder."""
+    if labels_csv:
+        from src.data.competition import read_id_label_csv
+
+        frame, where = read_id_label_csv(Path(labels_csv)), labels_csv
+    elif cfg.data.builder in ("digits", "digits_names"):
+        from src.data.digits import digits_labels
+
+        frame, where = digits_labels(cfg.data.demo_test_size, 0, cfg.data.builder == "digits_names"), "digits builder"
+    else:
+        raise UserError("data.builder: the re-draw evaluation needs every image's label; only the digits builder "
+                        "knows them (data.builder=digits or digits_names), or pass --labels image_id,label CSV")
+    lookup = {c: i for i, c in enumerate(data.classes.tolist())}
+    by_id = dict(zip(frame["image_id"], frame["label"]))
+    out = np.array([lookup.get(by_id.get(i, None), -1) for i in data.index["image_id"]], np.int64)
+    known = data.labeled_idx
+    if (out[known] != data.class_ids[known]).any():
+        bad = data.index["image_id"].iloc[known[out[known] != data.class_ids[known]][0]]
+        raise UserError(f"{where}: label of '{bad}' differs from the competition's (not built by this builder?)")
+    if cfg.data.truth and Path(cfg.data.truth).exists():
+        from src.cv import public_truth
+
+        truth = public_truth(cfg.data.truth, data.test_ids, data.classes)
+        seen = truth >= 0
+        if (out[data.test_idx][seen] != truth[seen]).any():
+            raise UserError(f"{where}: test labels differ from {cfg.data.truth}")
+    return out
+
+
+def draw_supports(pool_rows: np.ndarray, pool_y: np.ndarray, n_classes: int, n_per_class: int, n_draws: int,
+                  seed: int) -> np.ndarray:
+    """(n_draws, n_classes * n_per_class) rows: each draw takes n_per_class rows of every class from
+    `pool_rows` (labels `pool_y`) without replacement, class by class. Draw d depends only on (seed, d),
+    so a longer run extends a shorter one."""
+    pool_rows, pool_y = np.asarray(pool_rows), np.asarray(pool_y)
+    by_class = [pool_rows[pool_y == c] for c in range(n_classes)]
+    short = [c for c, r in enumerate(by_class) if len(r) < n_per_class]
+    if short:
+        raise UserError(f"re-draws: class {short[0]} has {len(by_class[short[0]])} non-test images with a known "
+                        f"label, need {n_per_class} per draw")
+    out = np.empty((n_draws, n_classes * n_per_class), np.int64)
+    for d in range(n_draws):
+        rng = np.random.default_rng([seed, d])
+        out[d] = np.concatenate([rng.choice(r, n_per_class, replace=False) for r in by_class])
+    return out
+
+
+def relabel(data: CompetitionData, support: np.ndarray, labels: np.ndarray) -> CompetitionData:
+    """The competition as if `support` rows were its only labeled images: index label = the class
+    value of `labels[row]` on support rows and -1 everywhere else (test rows included). The images
+    are shared (memmap); nothing else of the original labels survives."""
+    index = data.index.copy()
+    values = np.full(len(index), -1, np.int64)
+    values[support] = data.classes[labels[support]]
+    index["label"] = values
+    return CompetitionData(images=data.images, index=index)
+
+
+# ---------------------------------------------------------------------------------------------
+# Members of one draw
+# ---------------------------------------------------------------------------------------------
+def check_members(names: list[str]) -> None:
+    from src.heads import HEADS
+
+    if not names:
+        raise UserError("--members: empty list")
+    for name in names:
+        if name not in HEADS:
+            raise UserError(f"--members: unknown member '{name}' (heads: {', '.join(HEADS.names())})")
+    if len(set(names)) != len(names):
+        raise UserError(f"--members: a member is listed twice ({','.join(names)})")
+
+
+def is_transductive(name: str) -> bool:
+    from src.heads import HEADS
+
+    return bool(HEADS.get(name).transductive)
+
+
+@dataclass
+class DrawInputs:
+    """Everything the members of one draw read: the draw's competition view, its pseudo-labels and
+    the heads' inputs. Built lazily: only what the requested members need."""
+
+    cfg: Config
+    data: CompetitionData  # relabel()-ed: only the support is labeled
+    emb: np.ndarray  # (N, D) float32 SSL embeddings as 01_ssl wrote them (label-free)
+    device: torch.device
+    encoder: object = None
+    _pool: object = None
+    _heads: object = None
+    _table: object = None
+    context: object = None  # src.transductive.TransductiveContext over l2_normalize(emb): label-free, shared by draws
+
+    def pool(self) -> pd.DataFrame:
+        """02_pseudo round 0 seeded by this draw's labels: the selected pseudo-labels (row, y, confidence)."""
+        if self._pool is None:
+            from src.stages.heads import pseudo_rows
+            from src.stages.pseudo import label_round
+
+            empty = np.zeros(0, np.int64)
+            table, _ = label_round(self.cfg, self.data, self.emb, self.device, empty, empty, None)
+            self._pool = pseudo_rows(table, self.data, self.cfg.heads.pseudo_min_confidence)
+        return self._pool
+
+    def heads(self):
+        if self._heads is None:
+            from src.heads import l2_normalize
+            from src.stages.heads import head_inputs, stack_rows
+
+            x = l2_normalize(self.emb) if self.context is None else self.context.x
+            self._heads = head_inputs(self.cfg, self.data, x, self.pool(), self.device, self.context)
+            self._table = stack_rows(self.cfg, self._heads, self.pool(), x)
+        return self._heads, self._table
+
+
+def member_outputs(name: str, inp: DrawInputs) -> dict:
+    """{"probs" (T, C), "oof" (L, C), "stack" (R, C) | None} of one member on one draw."""
+    from src.stages.heads import head_outputs
+
+    h, table = inp.heads()
+    out = head_outputs(name, inp.cfg, h, table, inp.encoder, inp.device)
+    return {k: out[k] for k in ("probs", "oof", "stack")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring and aggregation (pure: tested on hand-made numbers)
+# ---------------------------------------------------------------------------------------------
+def apply_rules(members: Members, rules: list[str], params: RuleParams) -> dict[str, dict]:
+    """rule -> {"test": (T, C), "oof": (L, C), "weights", "note"}; the rules see `members` only."""
+    out = {}
+    for name, c in ensemble_rules(rules, members, params).items():
+        out[name] = {"test": c.test, "oof": c.oof, "weights": None if c.weights is None else c.weights.tolist(),
+                     "note": c.note}
+    return out
+
+
+def score_draw(members: Members, combined: dict[str, dict], truth: np.ndarray) -> dict:
+    """Per member and rule: test accuracy against `truth` (T,) and local CV (LOO) with its Wilson interval."""
+    def one(test, oof):
+        cv = cv_summary(oof, members.y)
+        return {"truth": float((test.argmax(1) == truth).mean()), "cv": cv["accuracy"], "cv_interval": cv["interval"]}
+
+    rec = {"members": {n: one(p, o) for n, p, o in zip(members.names, members.probs, members.oof)},
+           "rules": {r: {**one(c["test"], c["oof"]), "weights": c["weights"], "note": c["note"]}
+                     for r, c in combined.items()}}
+    return rec
+
+
+def _stats(truth: list[float], cv: list[float], half: list[float]) -> dict:
+    t, c = np.asarray(truth), np.asarray(cv)
+    return {"mean": float(t.mean()), "std": float(t.std()), "worst": float(t.min()), "best": float(t.max()),
+            "cv_mean": float(c.mean()), "cv_std": float(c.std()), "cv_halfwidth": float(np.mean(half)),
+            "cv_minus_truth": float((c - t).mean()), "n_draws": int(len(t))}
+
+
+def aggregate(draws: list[dict], default: str = "") -> dict:
+    """Mean, std, worst case (min over draws) of test accuracy and local CV per member and rule, the
+    best fixed member (highest mean accuracy: an oracle reference, it was chosen on truth) and the
+    mean member (per draw, the average accuracy of the members), and per rule the paired per-draw
+    differences to both; `passes` tests the issue's bars: mean >= best fixed member's mean - 0.5
+    point and worst case >= mean member's worst case."""
+    if not draws:
+        raise UserError("re-draws: no draw to aggregate")
+    names = list(draws[0]["members"])
+    rules = list(draws[0]["rules"])
+
+    def series(kind, name, key):
+        return [d[kind][name][key] for d in draws]
+
+    def half(kind, name):
+        return [(d[kind][name]["cv_interval"][1] - d[kind][name]["cv_interval"][0]) / 2 for d in draws]
+
+    members = {n: _stats(series("members", n, "truth"), series("members", n, "cv"), half("members", n)) for n in names}
+    best = max(names, key=lambda n: (members[n]["mean"], -names.index(n)))
+    mean_member = np.mean([series("members", n, "truth") for n in names], axis=0)  # (D,)
+    mean_member_cv = np.mean([series("members", n, "cv") for n in names], axis=0)
+    mean_member_half = np.mean([half("members", n) for n in names], axis=0)
+    refs = {"best_fixed_member": {**members[best], "name": best},
+            "mean_member": _stats(mean_member.tolist(), mean_member_cv.tolist(), mean_member_half.tolist())}
+    best_series = np.asarray(series("members", best, "truth"))
+    out_rules = {}
+    for r in rules:
+        t = np.asarray(series("rules", r, "truth"))
+        s = _stats(t.tolist(), series("rules", r, "cv"), half("rules", r))
+        s["vs_best_member"] = {"mean": float((t - best_series).mean()), "worst": float((t - best_series).min())}
+        s["vs_mean_member"] = {"mean": float((t - mean_member).mean()), "worst": float((t - mean_member).min())}
+        s["passes"] = bool(s["mean"] >= refs["best_fixed_member"]["mean"] - 0.005
+                           and s["worst"] >= refs["mean_member"]["worst"])
+        out_rules[r] = s
+    return {"n_draws": len(draws), "members": members, "rules": out_rules, "references": refs, "default": default}
+
+
+def format_markdown(agg: dict, title: str = "") -> str:
+    """The re-draw table: per rule and member, test accuracy (truth) mean, std, worst over draws, the
+    local CV (LOO) mean +- its std over draws beside it, and the paired difference to the best fixed member."""
+    def pct(v):
+        return f"{100 * v:.1f}"
+
+    head = ("| rule / member | truth mean | std | worst | local CV mean ± re-draw std | Wilson ± (one draw) "
+            "| CV − truth | Δ best member (mean / worst) | passes |")
+    lines = [f"### {title}" if title else "", "", head, "|" + " --- |" * 9]
+    default = agg.get("default", "")
+    ranked = sorted(agg["rules"], key=lambda r: -agg["rules"][r]["mean"])
+    for r in ranked:
+        s = agg["rules"][r]
+        name = f"**{r}** (default)" if r == default else r
+        lines.append(f"| {name} | {pct(s['mean'])} | {pct(s['std'])} | {pct(s['worst'])} | "
+                     f"{pct(s['cv_mean'])} ± {pct(s['cv_std'])} | ± {pct(s['cv_halfwidth'])} | "
+                     f"{100 * s['cv_minus_truth']:+.1f} | {100 * s['vs_best_member']['mean']:+.1f} / "
+                     f"{100 * s['vs_best_member']['worst']:+.1f} | {'yes' if s['passes'] else 'no'} |")
+    refs = agg["references"]
+    for key, label in (("best_fixed_member", f"best fixed member ({refs['best_fixed_member']['name']}, "
+                                             "chosen on truth)"), ("mean_member", "mean member (per-draw average)")):
+        s = refs[key]
+        lines.append(f"| _{label}_ | {pct(s['mean'])} | {pct(s['std'])} | {pct(s['worst'])} | "
+                     f"{pct(s['cv_mean'])} ± {pct(s['cv_std'])} | ± {pct(s['cv_halfwidth'])} | "
+                     f"{100 * s['cv_minus_truth']:+.1f} | | |")
+    for n in sorted(agg["members"], key=lambda n: -agg["members"][n]["mean"]):
+        s = agg["members"][n]
+        lines.append(f"| member {n} | {pct(s['mean'])} | {pct(s['std'])} | {pct(s['worst'])} | "
+                     f"{pct(s['cv_mean'])} ± {pct(s['cv_std'])} | ± {pct(s['cv_halfwidth'])} | "
+                     f"{100 * s['cv_minus_truth']:+.1f} | | |")
+    lines += ["", f"{agg['n_draws']} support draws; accuracies in %; passes: mean ≥ best fixed member's mean − 0.5 and "
+              "worst ≥ mean member's worst. Local CV: leave-one-out over the draw's 30 labeled images (nested where "
+              "the rule reads labels); its std is over draws, the Wilson ± is the mean half-width of one draw's "
+              "95% interval."]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver
+# ---------------------------------------------------------------------------------------------
+def _fingerprint(cfg: Config, paths: RunPaths, n_per_class: int, seed: int) -> str:
+    from src.runtime import git_commit
+
+    ssl = io.read_json(paths.done_marker("ssl"))["fingerprint"]
+    blob = json.dumps({"sections": cfg.section_hash("data", "pseudo", "heads", "cv"), "seed": cfg.run.seed,
+                       "draw_seed": seed, "per_class": n_per_class, "ssl": ssl, "code": git_commit()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray | None]) -> None:
+    io.save_tensors(path, {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items() if v is not None})
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in io.load_tensors(path).items()}
+
+
+TABLE_COLUMNS = ("row", "y", "weight", "group", "fold", "labeled")
+
+
+def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None, rules: list[str] | None = None,
+                default: str = "", seed: int = 0, labels_csv: str = "", n_train: int = 2, n_val: int = 1,
+                fresh: bool = False) -> dict:
+    """Draw supports, compute (or load) every member per draw, apply every rule, score against truth,
+    aggregate; writes results.json and table.md under paths.redraw_dir. Returns the aggregate."""
+    from threadpoolctl import threadpool_limits
+
+    from src.runtime import resolve_device
+
+    paths = RunPaths(cfg)
+    members = list(members or cfg.heads.heads)
+    check_members(members)
+    params = RuleParams.from_config(cfg.ensemble, cfg.run.seed)
+    if not rules:  # every rule that can run on these members
+        trans, pref = any(is_transductive(n) for n in members), any(n in members for n in params.preferred)
+        rules = [r for r in RULES if (r != "transductive" or trans) and (r not in ("preferred", "gated") or pref)]
+    rules = list(rules)
+    for r in rules:
+        check_rule(r, "--rules")
+    default = default or cfg.ensemble.method
+    if n_draws < 1:
+        raise UserError(f"--draws: must be >= 1, got {n_draws}")
+    for f in (paths.done_marker("ssl"), paths.embeddings("ssl")):
+        if not f.exists():
+            raise UserError(f"{f}: not found (run pipelines/00_prepare.py and 01_ssl.py first)")
+    data = load_data(paths)
+    labels = known_labels(cfg, data, labels_csv)
+    emb = io.read_npy(paths.embeddings("ssl")).astype(np.float32)
+    if emb.ndim != 2 or len(emb) != len(data.index):
+        raise UserError(f"{paths.embeddings('ssl')}: shape {emb.shape}, expected ({len(data.index)}, D)")
+    test = data.test_idx
+    truth = labels[test]
+    if (truth < 0).any():
+        raise UserError(f"re-draws: {int((truth < 0).sum())} test images have no known label")
+    pool = np.setdiff1d(np.flatnonzero(labels >= 0), test)  # never a scored image in a support
+    supports = draw_supports(pool, labels[pool], data.n_classes, n_train + n_val, n_draws, seed)
+    device = resolve_device(cfg.run.device)
+    encoder = None
+    if cfg.heads.finetune_encoder and "cosine_finetune" in members:
+        from src.models.encoder import load_encoder
+
+        encoder = load_encoder(paths.encoder("ssl"), paths.encoder_spec("ssl"), device)
+    cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed)
+    if fresh and cache.exists():
+        import shutil
+
+        shutil.rmtree(cache)
+    print(f"re-draws: {n_draws} supports of {n_train}+{n_val} per class from {len(pool)} non-test images; "
+          f"{len(test)} scored test images; members {', '.join(members)}; rules {', '.join(rules)}")
+    from src.heads import l2_normalize
+    from src.transductive import TransductiveContext
+
+    context = TransductiveContext(l2_normalize(emb), device)  # the kNN graph is label-free: built once
+    records, t0 = [], time.perf_counter()
+    with threadpool_limits(1):
+        for d in tqdm(range(n_draws), desc="draws", disable=not cfg.run.progress):
+            m = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder, cache / f"draw_{d:03d}", context)
+            rec = score_draw(m, apply_rules(m, rules, params), truth)
+            rec |= {"draw": d, "support": supports[d].tolist()}
+            records.append(rec)
+            if not cfg.run.progress:
+                best = max(rec["members"], key=lambda n: rec["members"][n]["truth"])
+                print(f"  draw {d}: best member {best} {rec['members'][best]['truth']:.3f}; "
+                      + ", ".join(f"{r} {rec['rules'][r]['truth']:.3f}" for r in rules) + f"  ({time.perf_counter() - t0:.0f}s)")
+    agg = aggregate(records, default)
+    agg |= {"members_list": members, "rules_list": rules, "seed": seed, "support_per_class": [n_train, n_val],
+            "pool_size": int(len(pool)), "n_test": int(len(test)), "run": cfg.run.name,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "not_redrawn": ["SSL embeddings (label-free, shared by every draw)", "02_pseudo self-training rounds "
+                            "(round 0 only)", "03_metric embeddings (heads read the SSL embeddings)",
+                            "04_meta methods (not members)"]}
+    io.write_json(paths.redraw_dir / "results.json", {"aggregate": agg, "draws": records})
+    md = format_markdown(agg, f"Re-draw evaluation: run {cfg.run.name}, {n_draws} draws, seed {seed}")
+    io.write_text(paths.redraw_dir / "table.md", md + "\n")
+    print(md)
+    print(f"written: {paths.redraw_dir / 'results.json'}, {paths.redraw_dir / 'table.md'}")
+    return agg
+
+
+def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np.ndarray, support: np.ndarray,
+                 names: list[str], device, encoder, cache: Path, context=None) -> Members:
+    """Members of one draw, from the cache where present. Only support rows' labels are passed on.
+    context: the transductive heads' TransductiveContext (label-free: one for every draw) or None."""
+    data_d = relabel(data, support, labels)
+    inp = DrawInputs(cfg, data_d, emb, device, encoder, context=context)
+    table = None
+    table_file = cache / "table.safetensors"
+    if table_file.exists():
+        t = _load(table_file)
+        table = pd.DataFrame({k: t[k] for k in TABLE_COLUMNS})
+        table["labeled"] = table["labeled"].astype(bool)
+    outs = {}
+    for name in names:
+        f = cache / f"{name}.safetensors"
+        if f.exists():
+            outs[name] = _load(f)
+            continue
+        outs[name] = member_outputs(name, inp)
+        _save(f, outs[name])
+        if table is None:
+            table = inp.heads()[1]
+            _save(table_file, {k: table[k].to_numpy().astype(np.float64 if k == "weight" else np.int64)
+                               for k in TABLE_COLUMNS})
+    y = data_d.class_ids[data_d.labeled_idx]
+    return Members(names=list(names), oof=[outs[n]["oof"] for n in names], probs=[outs[n]["probs"] for n in names],
+                   y=y, transductive=[is_transductive(n) for n in names],
+                   stack=[outs[n].get("stack") for n in names], table=table)

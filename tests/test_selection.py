@@ -1,0 +1,182 @@
+"""The re-draw evaluator's bookkeeping (src/selection.py): draw shapes and per-class counts, the
+scored images never in a support, only the support's labels reach the members, the rules never
+see truth (scrambled-truth spy), the aggregation against hand-computed numbers, the CLI's errors."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_script
+from src import io, selection
+from src.data.digits import digits_layout
+from src.errors import UserError
+from test_report import make_run, truth_comp  # noqa: F401  (fixture)
+
+DIGITS = ["data.builder=digits", "data.demo_test_size=200"]  # how conftest's digits folder was built
+
+
+def test_draw_supports_shapes_counts_pool_and_seed():
+    rng = np.random.default_rng(0)
+    pool_y = rng.integers(0, 4, 200)
+    pool = np.sort(rng.choice(np.arange(1000, 5000), 200, replace=False))  # rows: not 0..199
+    draws = selection.draw_supports(pool, pool_y, 4, 3, n_draws=25, seed=7)
+    assert draws.shape == (25, 12) and draws.dtype == np.int64
+    y_of = dict(zip(pool, pool_y))
+    for d in draws:
+        assert set(d) <= set(pool) and len(set(d)) == 12  # from the pool, no row twice
+        assert np.bincount([y_of[r] for r in d], minlength=4).tolist() == [3, 3, 3, 3]
+    assert len({tuple(sorted(d)) for d in draws}) == 25  # the draws differ
+    np.testing.assert_array_equal(draws, selection.draw_supports(pool, pool_y, 4, 3, 25, seed=7))  # seeded
+    np.testing.assert_array_equal(draws[:5], selection.draw_supports(pool, pool_y, 4, 3, 5, seed=7))  # prefix
+    assert not np.array_equal(draws, selection.draw_supports(pool, pool_y, 4, 3, 25, seed=8))
+    with pytest.raises(UserError, match="class 3 has 2 non-test images"):
+        selection.draw_supports(np.arange(11), np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3]), 4, 3, 1, 0)
+
+
+def test_known_labels_and_relabel_on_the_digits_competition(truth_comp, tmp_path):  # noqa: F811
+    cfg, paths, _ = make_run(truth_comp, tmp_path, pseudo=False, extra=DIGITS)
+    from src.data import load_data
+
+    data = load_data(paths)
+    labels = selection.known_labels(cfg, data)
+    layout = digits_layout(200, 0).set_index("image_id")
+    want = layout.loc[data.index["image_id"], "label"].to_numpy()
+    np.testing.assert_array_equal(data.classes[labels], want)  # every image, as the builder placed it
+    np.testing.assert_array_equal(labels[data.labeled_idx], data.class_ids[data.labeled_idx])
+    # a folder built otherwise (other test size) is refused
+    other = cfg
+    other.data.demo_test_size = 300
+    with pytest.raises(UserError, match="differs from the competition's"):
+        selection.known_labels(other, data)
+    other.data.demo_test_size, other.data.builder = 200, ""
+    with pytest.raises(UserError, match="only the digits builder knows them"):
+        selection.known_labels(other, data)
+
+    support = np.flatnonzero((labels >= 0) & ~np.isin(np.arange(len(labels)), data.test_idx))[:40]
+    view = selection.relabel(data, support, labels)
+    np.testing.assert_array_equal(view.labeled_idx, np.sort(support))
+    np.testing.assert_array_equal(view.class_ids[view.labeled_idx], labels[np.sort(support)])
+    outside = np.setdiff1d(np.arange(len(labels)), support)
+    assert (view.index["label"].to_numpy()[outside] == -1).all()  # no other label survives, test ones included
+    assert set(data.labeled_idx) - set(support) <= set(view.unlabeled_idx)
+    assert view.classes.tolist() == data.classes.tolist() and view.images is data.images
+
+
+def test_aggregate_hand_made_case():
+    def rec(m, r):
+        return {"members": {k: {"truth": v, "cv": c, "cv_interval": [c - 0.1, c + 0.1]} for k, (v, c) in m.items()},
+                "rules": {k: {"truth": v, "cv": c, "cv_interval": [c - 0.2, c + 0.2]} for k, (v, c) in r.items()}}
+
+    draws = [rec({"a": (0.9, 0.8), "b": (0.7, 0.9)}, {"mean": (0.85, 0.9), "pick": (0.7, 0.9)}),
+             rec({"a": (0.8, 0.8), "b": (0.8, 0.7)}, {"mean": (0.80, 0.8), "pick": (0.8, 0.8)}),
+             rec({"a": (0.7, 0.6), "b": (0.6, 0.6)}, {"mean": (0.70, 0.6), "pick": (0.6, 0.6)})]
+    agg = selection.aggregate(draws, default="mean")
+    a = agg["members"]["a"]
+    assert a["mean"] == pytest.approx(0.8) and a["worst"] == pytest.approx(0.7)
+    assert a["std"] == pytest.approx(np.std([0.9, 0.8, 0.7])) and a["cv_mean"] == pytest.approx(0.7333333)
+    assert a["cv_halfwidth"] == pytest.approx(0.1) and a["cv_minus_truth"] == pytest.approx(-0.0666667)
+    refs = agg["references"]
+    assert refs["best_fixed_member"]["name"] == "a" and refs["best_fixed_member"]["mean"] == pytest.approx(0.8)
+    # mean member per draw: 0.8, 0.8, 0.65
+    assert refs["mean_member"]["mean"] == pytest.approx(0.75) and refs["mean_member"]["worst"] == pytest.approx(0.65)
+    mean = agg["rules"]["mean"]
+    assert mean["mean"] == pytest.approx(0.7833333) and mean["worst"] == pytest.approx(0.7)
+    assert mean["vs_best_member"] == pytest.approx({"mean": (-0.05 + 0 + 0) / 3, "worst": -0.05})
+    assert mean["vs_mean_member"] == pytest.approx({"mean": (0.05 + 0 + 0.05) / 3, "worst": 0.0})
+    assert mean["cv_halfwidth"] == pytest.approx(0.2)
+    # mean: 0.783 < 0.8 - 0.005 fails the first bar although its worst case (0.70) beats 0.65
+    assert mean["passes"] is False
+    pick = agg["rules"]["pick"]  # 0.7, 0.8, 0.6: mean 0.7, worst 0.6 < 0.65
+    assert pick["mean"] == pytest.approx(0.7) and pick["passes"] is False
+    draws[0]["rules"]["mean"]["truth"] = 0.9  # now 0.8 mean, worst 0.7: passes both bars
+    assert selection.aggregate(draws)["rules"]["mean"]["passes"] is True
+    md = selection.format_markdown(selection.aggregate(draws, default="mean"))
+    assert "| **mean** (default) | 80.0 |" in md and "best fixed member (a, chosen on truth)" in md
+
+
+@pytest.fixture
+def redraw_run(truth_comp, tmp_path):  # noqa: F811
+    """A digits run with fake SSL embeddings (PCA of pixels) and cheap members and rules."""
+    return make_run(truth_comp, tmp_path, pseudo=False,
+                    extra=[*DIGITS, "heads.heads=[protonet,knn]", "pseudo.labelers=[prototype]",
+                           "cv.stack_max_pseudo=100"])
+
+
+MEMBERS = ["protonet", "knn", "propagation"]
+RULES = ["mean", "best", "agreement", "transductive", "preferred", "top", "gated", "auto"]
+
+
+def test_redraws_never_show_truth_to_members_or_rules(redraw_run, monkeypatch):
+    cfg, paths, _ = redraw_run
+    from src.data import load_data
+
+    data = load_data(paths)
+    seen = []
+    real_member_outputs, real_score = selection.member_outputs, selection.score_draw
+
+    def member_spy(name, inp):
+        labels = inp.data.index["label"].to_numpy()
+        seen.append((name, np.flatnonzero(labels >= 0)))
+        return real_member_outputs(name, inp)
+
+    outputs = []
+
+    def score_spy(members, combined, truth):
+        outputs.append({r: c["test"].copy() for r, c in combined.items()}
+                       | {m: p.copy() for m, p in zip(members.names, members.probs)})
+        return real_score(members, combined, truth)
+
+    monkeypatch.setattr(selection, "member_outputs", member_spy)
+    monkeypatch.setattr(selection, "score_draw", score_spy)
+    agg = selection.run_redraws(cfg, n_draws=2, members=MEMBERS, rules=RULES, seed=1)
+    results = io.read_json(paths.redraw_dir / "results.json")
+    supports = [np.array(d["support"]) for d in results["draws"]]
+    assert len(seen) == 2 * len(MEMBERS)
+    for k, (name, labeled) in enumerate(seen):  # each member saw exactly its draw's support labeled
+        np.testing.assert_array_equal(labeled, np.sort(supports[k // len(MEMBERS)]))
+    for s in supports:
+        assert len(s) == 3 * data.n_classes and not set(s) & set(data.test_idx)
+    assert agg["n_draws"] == 2 and set(agg["rules"]) == set(RULES) and set(agg["members"]) == set(MEMBERS)
+    assert (paths.redraw_dir / "table.md").read_text().count("| member ") == len(MEMBERS)
+
+    # Scrambled truth: the same members and rule outputs, only the scores move.
+    real_labels = selection.known_labels
+    rng = np.random.default_rng(0)
+
+    def scrambled(cfg_, data_, labels_csv=""):
+        labels = real_labels(cfg_, data_, labels_csv)
+        labels[data_.test_idx] = rng.permutation(labels[data_.test_idx])
+        return labels
+
+    monkeypatch.setattr(selection, "known_labels", scrambled)
+    before, outputs[:] = list(outputs), []
+    agg2 = selection.run_redraws(cfg, n_draws=2, members=MEMBERS, rules=RULES, seed=1, fresh=True)
+    for b, a in zip(before, outputs):
+        assert b.keys() == a.keys()
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key])
+    assert agg2["rules"]["mean"]["mean"] != agg["rules"]["mean"]["mean"]
+    assert agg2["rules"]["mean"]["cv_mean"] == agg["rules"]["mean"]["cv_mean"]  # local CV reads no truth
+
+
+def test_redraw_cache_and_cli(redraw_run, capsys):
+    cfg, paths, overrides = redraw_run
+    code, err = run_script("redraw.py", *overrides, "--draws", "2", "--members", "protonet,knn", "--rules", "mean,best",
+                           capsys=capsys)
+    assert code == 0, err
+    first = json.loads((paths.redraw_dir / "results.json").read_text())
+    cached = list((paths.redraw_dir / "cache").rglob("*.safetensors"))
+    assert {p.name for p in cached} == {"protonet.safetensors", "knn.safetensors", "table.safetensors"}
+    stamp = {p: p.stat().st_mtime_ns for p in cached}
+    code, err = run_script("redraw.py", *overrides, "--draws", "2", "--members", "protonet,knn", "--rules",
+                           "mean,best,weighted", capsys=capsys)
+    assert code == 0, err
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())  # members reused from the cache
+    second = json.loads((paths.redraw_dir / "results.json").read_text())
+    assert second["aggregate"]["rules"]["mean"] == first["aggregate"]["rules"]["mean"]
+    for args, message in ((["--members", "protonet,nope"], "unknown member 'nope'"),
+                          (["--rules", "mean,nope"], "--rules: unknown rule 'nope'"),
+                          (["--draws", "0"], "--draws: must be >= 1"),
+                          (["data.builder="], "only the digits builder knows them")):
+        code, err = run_script("redraw.py", *overrides, *args, capsys=capsys)
+        assert code == 2 and message in err, err
