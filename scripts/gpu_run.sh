@@ -16,7 +16,7 @@
 # OVERRIDES="" (extra section.key=value, space-separated), RUN=<config name>_bench, PYTHON=python3,
 # WHEELS=.device/wheels, SITE=/tmp/site, ARCHIVE=.device/data/competition.tar.xz,
 # TRUTH=.device/data/public_truth.csv (each used when the file exists), DEADLINE_S=570,
-# ENCODER_STAGE=ssl. The test suite runs this script on CPU with a tiny config (tests/test_gpu_run.py).
+# ENCODER_STAGE=ssl. The test suite runs this script on CPU with a tiny config (tests/test_bench.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
