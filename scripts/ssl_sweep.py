@@ -45,11 +45,12 @@ def main() -> None:
     parser.add_argument("steps", type=int, help="optimiser steps (the schedule's length)")
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     cfg = load_config(args.config, [*args.overrides, "run.progress=false"])
-    cfg = dataclasses.replace(cfg, ssl=dataclasses.replace(cfg.ssl, epochs=10**6))  # schedule set below
     paths = RunPaths(cfg)
     data, device = load_data(paths), resolve_device(cfg.run.device)
+    epochs = -(-args.steps * cfg.ssl.batch_size // len(data.images)) + 1  # enough epochs; schedule set below
+    cfg = dataclasses.replace(cfg, ssl=dataclasses.replace(cfg.ssl, epochs=epochs))
     torch.manual_seed(cfg.run.seed)
     run = SSLRun(cfg, len(data.images), device)
     run.wrap()
