@@ -82,7 +82,7 @@ class LabelPropagation:
         self.rtol, self.maxiter = rtol, maxiter
         self._col = np.full(self.n, -1, np.int64)  # row -> column of self._g, -1: not solved yet
         self._g = np.zeros((self.n, 0), np.float32)  # (N, cached) responses g_j = A^-1 e_j
-        self._seen = np.zeros(self.n, bool)  # rows that were seeds in an earlier call
+        self._seed_before = np.zeros(self.n, bool)  # rows that were seeds in an earlier call
 
     def responses(self, rows: np.ndarray) -> np.ndarray:
         """(N, len(rows)) float32 responses A^-1 e_j of seed rows j, solved once and cached."""
@@ -113,8 +113,8 @@ class LabelPropagation:
         # stage; first-time seeds (an episode's pseudo-labeled support) share one C-column solve.
         # Before: every new seed got its own solve, so 200 episodes x 20 seeds took 4,000 solves.
         known = self._col[seed_rows] >= 0
-        cache = known | self._seen[seed_rows]
-        self._seen[seed_rows] = True
+        cache = known | self._seed_before[seed_rows]
+        self._seed_before[seed_rows] = True
         n_new = len(np.unique(seed_rows[cache & ~known]))
         if n_new and self._g.shape[1] + n_new > self.MAX_CACHED:  # cache full: new seeds go to the direct solve
             cache = known
