@@ -7,21 +7,17 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.decomposition import PCA
 
 from conftest import run_script
-from src import io
 from src.config import load_config
 from src.data import load_data
 from src.data.competition import parse_label, read_id_label_csv
 from src.data.digits import NAMES, build_digits
 from src.errors import UserError
-from src.heads import l2_normalize
 from src.paths import RunPaths
 from src.stages import get_stage, run_stage
 from src.submission import score
 from test_prepare import assert_no_cache, edit_csv, prepare
-from test_report import SMALL
 
 
 @pytest.fixture(scope="session")
@@ -123,24 +119,10 @@ def test_integer_placeholder_in_sample_is_noted(names_comp, tmp_path, capsys):
 
 def _pipeline(comp, truth, tmp_path, name):
     """00 prepare, fake 01/02 (PCA embeddings, prototype pseudo-labels), 05 heads, 06 submit."""
-    overrides = [f"data.path={comp}", f"data.truth={truth}", f"run.root={tmp_path / 'runs'}",
-                 f"run.submissions_dir={tmp_path / 'subs'}", f"run.name={name}", *SMALL,
-                 "heads.heads=[protonet,knn,logreg]", "ensemble.method=mean", "ensemble.report=false"]
-    cfg = load_config(None, overrides)
-    paths = RunPaths(cfg)
-    run_stage(get_stage("prepare"), cfg)
-    data = load_data(paths)
-    pixels = np.asarray(data.images, np.float32).reshape(len(data.images), -1)
-    z = l2_normalize(PCA(16, random_state=0).fit_transform(pixels))
-    io.write_npy(paths.embeddings("ssl"), z.astype(np.float16))
-    io.write_json(paths.done_marker("ssl"), {"fingerprint": "fake-ssl", "summary": {}})
-    lab, un = data.labeled_idx, data.unlabeled_idx
-    protos = l2_normalize(np.stack([z[lab][data.class_ids[lab] == c].mean(0) for c in range(data.n_classes)]))
-    sims = z[un] @ protos.T
-    io.write_csv(paths.pseudo_labels(), pd.DataFrame({
-        "image_id": data.index["image_id"].to_numpy()[un], "label": data.classes[sims.argmax(1)],
-        "confidence": (sims.max(1) + 1) / 2, "source": "fake", "selected": True}))
-    io.write_json(paths.done_marker("pseudo"), {"fingerprint": "fake-pseudo", "summary": {}})
+    from test_report import make_run
+
+    cfg, paths, _ = make_run(comp, tmp_path, truth=truth, name=name, extra=(
+        "heads.heads=[protonet,knn,logreg]", "ensemble.method=mean", "ensemble.report=false"))
     run_stage(get_stage("heads"), cfg)
     summary = run_stage(get_stage("submit"), cfg)
     return paths, summary

@@ -24,10 +24,12 @@ SMALL = ["heads.finetune_steps=5", "cv.redraws=4", "cv.episodes=4", "cv.n_query=
          "ensemble.report_tsne_points=300", "cv.stack_max_pseudo=200", "run.progress=false", "run.device=cpu"]
 
 
-def make_run(comp, tmp_path, pseudo=True, extra=()):
-    """Prepared digits run with fake 01_ssl embeddings (and fake 02_pseudo labels)."""
-    overrides = [f"data.path={comp}", f"data.truth={comp.parent / 'truth.csv'}", f"run.root={tmp_path / 'runs'}",
-                 f"run.submissions_dir={tmp_path / 'subs'}", "run.name=t", *SMALL, *extra]
+def make_run(comp, tmp_path, pseudo=True, extra=(), truth=None, name="t"):
+    """Prepared digits run with fake 01_ssl embeddings (and fake 02_pseudo labels). truth: the truth
+    file (default: truth.csv beside the competition folder)."""
+    truth = comp.parent / "truth.csv" if truth is None else truth
+    overrides = [f"data.path={comp}", f"data.truth={truth}", f"run.root={tmp_path / 'runs'}",
+                 f"run.submissions_dir={tmp_path / 'subs'}", f"run.name={name}", *SMALL, *extra]
     cfg = load_config(None, overrides)
     paths = RunPaths(cfg)
     run_stage(get_stage("prepare"), cfg)
