@@ -7,8 +7,8 @@ steps on a prepared run, probed at 1/4, 2/4, 3/4 and 4/4 of them (docs/RESULTS.m
 The cosine schedule spans STEPS (a short run is a whole run, not the start of a long one). Each probe
 line (JSON, stdout and runs/<RUN>/sweep/<TAG>.jsonl) holds: training seconds (probes excluded),
 views/s, FLOPs per view (FlopCounterMode, forward + backward), the stage's kNN probe (LOO on the 30
-labels; 5-fold inside the truth file) and RankMe; the last one adds `prop_public`, label propagation
-(src.transductive, 30 seeds) scored on the truth file. The truth file only scores the candidate after
+labels; 5-fold inside the truth file) and RankMe; the last one adds `prop_public`, 02_pseudo's
+label-propagation labels (30 seeds) scored on the truth file. The truth file only scores the candidate after
 training; nothing in training reads it. This is a research harness, not a stage: the recipe is the
 config, and `bench.py pipeline` measures it.
 """
@@ -35,8 +35,8 @@ from src.runtime import resolve_device  # noqa: E402
 from src.ssl.trainer import SSLRun, probe  # noqa: E402
 from src.ssl.views import make_views  # noqa: E402
 from src.train_utils import cosine_ramp, warmup_cosine  # noqa: E402
-from src.transductive.core import l2_normalize  # noqa: E402
-from src.transductive.graph import TransductiveContext  # noqa: E402
+from src.pseudo.labelers import LABELERS, LabelingContext  # noqa: E402
+from src.transductive import center_normalize  # noqa: E402
 
 
 def main() -> None:
@@ -93,14 +93,14 @@ def main() -> None:
 
 
 def propagation_accuracy(run: SSLRun, data, cfg) -> float:
-    """Label propagation from the 30 labeled images over every image's embedding, scored on truth."""
-    h = cfg.heads
-    ctx = TransductiveContext(l2_normalize(run.embed(data.images).astype(np.float32)))
-    lp = ctx.propagation("cl2n", h.power_beta, h.graph_k, h.propagation_alpha, h.propagation_gamma)
-    scores = lp.propagate(data.labeled_idx, data.class_ids[data.labeled_idx], data.n_classes)
+    """02_pseudo's round-0 labels (its propagation labeler on the centred embeddings, 30 seeds, as
+    the stage computes them) scored on the truth file."""
+    emb = run.embed(data.images).astype(np.float32)
+    ctx = LabelingContext(center_normalize(emb) if cfg.pseudo.center else emb, data.labeled_idx,
+                          data.class_ids[data.labeled_idx], data.n_classes, cfg.pseudo)
+    probs = LABELERS.get("propagation")(ctx)
     rows, labels = truth_rows(data, cfg.data.truth)
-    return round(float((scores[rows].argmax(1) == labels).mean()), 4)
-
+    return round(float((probs[rows].argmax(1) == labels).mean()), 4)
 
 if __name__ == "__main__":
     main()
