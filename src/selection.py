@@ -42,7 +42,7 @@ from src import io
 from src.config import Config
 from src.cv import cv_summary
 from src.data import CompetitionData, load_data
-from src.ensemble import RULES, Members, RuleParams, check_rule
+from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, check_rule
 from src.ensemble import apply_rules as ensemble_rules
 from src.errors import UserError
 from src.paths import RunPaths
@@ -321,7 +321,7 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     params = RuleParams.from_config(cfg.ensemble, cfg.run.seed)
     if not rules:  # every rule that can run on these members
         trans, pref = any(is_transductive(n) for n in members), any(n in members for n in params.preferred)
-        rules = [r for r in RULES if (r != "transductive" or trans) and (r not in ("preferred", "gated") or pref)]
+        rules = [r for r in RULES if (r != "transductive" or trans) and (r not in PREFERRED_RULES or pref)]
     rules = list(rules)
     for r in rules:
         check_rule(r, "--rules")

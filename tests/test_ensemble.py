@@ -186,6 +186,13 @@ def test_rules_hand_values_and_errors():
         RULES["transductive"](Members(m.names, m.oof, m.probs, m.y, [False] * 3), p)
     with pytest.raises(UserError, match="ensemble.preferred: none of nope"):
         RULES["preferred"](m, RuleParams(preferred=["nope"]))
+    # preferred_mean: the equal-weight mean of every preferred member present, in member order
+    both = RULES["preferred_mean"](m, RuleParams(preferred=["m2", "nope", "m0"]))
+    np.testing.assert_allclose(both.test, (m.probs[0] + m.probs[2]) / 2, atol=1e-6)
+    np.testing.assert_allclose(both.oof, (m.oof[0] + m.oof[2]) / 2, atol=1e-6)
+    np.testing.assert_allclose(both.weights, [0.5, 0.0, 0.5])
+    with pytest.raises(UserError, match="ensemble.preferred: none of nope"):
+        RULES["preferred_mean"](m, RuleParams(preferred=["nope"]))
     with pytest.raises(UserError, match="no member has stacker features"):
         RULES["stack"](m, p)
     with pytest.raises(UserError, match="ensemble.method: unknown rule 'nope'"):

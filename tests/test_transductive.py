@@ -54,6 +54,7 @@ def test_prototypes_soft_assignments_and_preprocessing():
     z = l2_normalize(np.sqrt(raw))  # power transform, L2
     np.testing.assert_allclose(prep(raw), l2_normalize(z - z.mean(0)), atol=1e-5)  # centre on the fit rows, L2
     np.testing.assert_allclose(prep(raw[:3]), prep(raw)[:3], atol=1e-6)  # later rows reuse the fitted mean
+    np.testing.assert_allclose(Preprocess("power", beta=0.5).fit(raw)(raw), np.sqrt(raw), atol=1e-6)  # no norm
     p = softmax(np.array([[1.0, 2.0, 3.0]]), np.array([True, False, True]))
     np.testing.assert_allclose(p, [[1 / (1 + np.e ** 2), 0, np.e ** 2 / (1 + np.e ** 2)]], atol=1e-6)
 
@@ -408,10 +409,11 @@ def test_transductive_set_all_uses_unlabeled_rows_beyond_the_queries():
     rows = np.arange(len(sx), len(sx) + len(qx))
     out = {}
     for where in ("query", "all"):
-        head = HEADS.get("pt_map")(HeadsCfg(transductive_set=where))
+        # centred features: the extra rows move the centring mean as well as the centres
+        head = HEADS.get("pt_map")(HeadsCfg(transductive_set=where, transductive_features="power_cl2n"))
         head.context = ctx
         out[where] = head.fit(np.arange(len(sx)), sy, 4, query_x=rows).predict_proba(rows)
-    plain = HEADS.get("pt_map")(HeadsCfg()).fit(sx, sy, 4, query_x=qx)
+    plain = HEADS.get("pt_map")(HeadsCfg(transductive_features="power_cl2n")).fit(sx, sy, 4, query_x=qx)
     assert np.abs(out["all"] - out["query"]).max() > 1e-3
     assert np.abs(plain.predict_proba(qx) - out["query"]).max() < 0.05  # same set, centring mean differs
 
@@ -433,6 +435,35 @@ def test_bench_transductive_table(truth_comp, tmp_path, capsys):
         assert float(row.split("|")[3]) > 0.6, row
     code, err = run_script("bench.py", "transductive", *overrides, "--sets", "some", capsys=capsys)
     assert code == 2 and "--sets" in err
+    code, err = run_script("bench.py", "transductive", *overrides, "--no-reference", "--threads", "1",
+                           "--methods", "pt_map", "--sets", "test", "--draws", "2", capsys=capsys)
+    assert code == 0, err
+    table = (paths.run / "bench_transductive.md").read_text()
+    assert "over 2 support re-draws" in table
+    (row,) = [line for line in table.splitlines() if line.startswith("| test")]
+    assert " ± " in row.split("|")[3] and float(row.split("|")[3].split("±")[0]) > 0.6
+    code, err = run_script("bench.py", "transductive", *overrides, "--draws", "-1", capsys=capsys)
+    assert code == 2 and "--draws" in err
+
+
+def test_support_draws_come_from_truth_labeled_test_images():
+    from src.transductive.bench import draw_cases
+
+    test = np.arange(100, 160)
+    truth = np.repeat([0, 1, 2, -1], 15)  # the last 15 test images have no known class
+    cases = draw_cases(np.array([0, 0, 1, 1, 2, 2]), test, truth, 3, draws=3, seed=5)
+    assert len(cases) == 3
+    for case in cases:
+        assert np.bincount(case.labeled_y, minlength=3).tolist() == [2, 2, 2]
+        np.testing.assert_array_equal(case.labeled_y, truth[case.labeled - 100])  # labels are the truth
+        assert not np.isin(case.labeled, case.test).any() and len(case.test) == 54
+        np.testing.assert_array_equal(case.truth, truth[case.test - 100])
+        assert np.isin(case.labeled - 100, np.flatnonzero(truth >= 0)).all()
+    assert not np.array_equal(cases[0].labeled, cases[1].labeled)
+    again = draw_cases(np.array([0, 0, 1, 1, 2, 2]), test, truth, 3, draws=1, seed=5)
+    np.testing.assert_array_equal(again[0].labeled, cases[0].labeled)  # seeded: draw d is reproducible
+    with pytest.raises(UserError, match="--draws"):
+        draw_cases(np.array([0] * 20), test, truth, 3, draws=1)
 
 
 @pytest.mark.parametrize("override, key", [

@@ -20,7 +20,7 @@ from src import io
 from src.config import Config
 from src.cv import cv_summary, public_truth, truth_accuracy
 from src.data import CompetitionData, load_data
-from src.ensemble import RULES, Members, RuleParams, applicable, apply_rules, check_rule, log_loss
+from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, applicable, apply_rules, check_rule, log_loss
 from src.errors import UserError
 from src.paths import RunPaths
 from src.stages import Stage
@@ -38,7 +38,7 @@ def validate(cfg: Config) -> None:
         check_rule(name, "ensemble.auto_candidates")
         if name == "auto":
             raise UserError(f"ensemble.auto_candidates: '{name}' cannot be a candidate of auto")
-    if e.method in ("preferred", "gated") and not e.preferred:
+    if e.method in PREFERRED_RULES and not e.preferred:
         raise UserError(f"ensemble.preferred: empty list (ensemble.method={e.method} needs a member name)")
     if not 0 <= e.gate_agreement <= 1:
         raise UserError(f"ensemble.gate_agreement: must be in [0, 1], got {e.gate_agreement}")

@@ -35,7 +35,7 @@ SINKHORN_ITERS, SINKHORN_TOL = 1000, 1e-3  # balanced prior: class masses within
 
 
 def pt_map(fs: np.ndarray, ys: np.ndarray, fq: np.ndarray, n_classes: int, weight: np.ndarray | None = None,
-           steps: int = 20, lr: float = 0.2, lam: float = 10.0, balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
+           steps: int = 10, lr: float = 0.2, lam: float = 10.0, balanced: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """PT-MAP on features fs (S, D), fq (Q, D) (power-transformed and normalised by the caller).
     ys (S,) labels, weight (S,) support row weights. Returns (query probabilities (Q, C), centres (C, D))."""
     present = np.bincount(ys, minlength=n_classes) > 0
@@ -64,10 +64,14 @@ def pt_map_assign(fq: np.ndarray, centres: np.ndarray, present: np.ndarray, lam:
 
 
 def tim_logits(f: np.ndarray, w: np.ndarray, temperature: float, cosine: bool) -> np.ndarray:
-    """TIM's classifier: T cos(f, w), or -T/2 ||f - w||^2 (Boudiaf et al. 2020). (N, C) float32."""
+    """TIM's classifier: T cos(f, w), or -T/2 ||f - w||^2 (Boudiaf et al. 2020) up to the per-row
+    constant -T/2 ||f||^2, which no softmax, loss or gradient of W sees: T f.w - T/2 ||w||^2.
+    (N, C) in f's dtype (W, small, is cast to it: float32 features keep the (N, D) x (D, C) product
+    in float32)."""
+    w = np.asarray(w).astype(f.dtype, copy=False)
     if cosine:
-        return temperature * (f @ l2_normalize(w).T)
-    return -0.5 * temperature * squared_distances(f, w.astype(np.float32))
+        return temperature * (f @ l2_normalize(w).astype(f.dtype, copy=False).T)
+    return temperature * (f @ w.T) - (0.5 * temperature) * (w * w).sum(1)[None, :]
 
 
 def tim_gd(fs: np.ndarray, ys: np.ndarray, fq: np.ndarray, n_classes: int, weight: np.ndarray | None = None,
@@ -75,7 +79,8 @@ def tim_gd(fs: np.ndarray, ys: np.ndarray, fq: np.ndarray, n_classes: int, weigh
            marginal_weight: float = 1.0, cond_weight: float = 0.1,
            cosine: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """TIM-GD on L2-normalised features fs (S, D), fq (Q, D). The support CE is class-balanced
-    (class_balanced_targets; equal to TIM's mean CE on a balanced support). Returns (query
+    (class_balanced_targets; equal to TIM's mean CE on a balanced support). The query passes run in
+    fq's dtype (float32: 60,000 x 10 logits per step), W and Adam in float64. Returns (query
     probabilities (Q, C), weights W (C, D))."""
     present = np.bincount(ys, minlength=n_classes) > 0
     w_rows = np.ones(len(ys)) if weight is None else np.asarray(weight, np.float64)
@@ -84,26 +89,28 @@ def tim_gd(fs: np.ndarray, ys: np.ndarray, fq: np.ndarray, n_classes: int, weigh
     # coordinate whatever the scale of W, so this start, not a normalised one, is part of the method.
     W = compute_prototypes(fs, ys, n_classes, weight, cosine=False).astype(np.float64)
     W[~present] = 1.0 / np.sqrt(fs.shape[1])  # any nonzero row: masked anyway, avoids 0 / 0
+    fs64 = np.asarray(fs, np.float64)  # (S, D): tiny, kept exact
     opt = Adam([W], lr)
     for _ in range(steps):
-        _, g_s, g_q = info_objective(tim_logits(fs, W, temperature, cosine), target,
+        _, g_s, g_q = info_objective(tim_logits(fs64, W, temperature, cosine), target,
                                      tim_logits(fq, W, temperature, cosine), present, cond_weight,
                                      marginal_weight, ce_weight)
-        opt.step([tim_weight_grad(W, fs, fq, g_s, g_q, temperature, cosine)])
+        opt.step([tim_weight_grad(W, fs64, fq, g_s, g_q, temperature, cosine)])
     return softmax(tim_logits(fq, W, temperature, cosine), present).astype(np.float64), W
 
 
 def tim_weight_grad(W: np.ndarray, fs: np.ndarray, fq: np.ndarray, g_s: np.ndarray, g_q: np.ndarray,
                     temperature: float, cosine: bool) -> np.ndarray:
-    """dL/dW (C, D) from the logit gradients g_s (S, C), g_q (Q, C) of :func:`tim_logits`."""
-    gf = g_s.T @ fs + (g_q.T.astype(np.float32) @ fq)  # (C, D): sum_i g_ik f_i
+    """dL/dW (C, D) float64 from the logit gradients g_s (S, C), g_q (Q, C) of :func:`tim_logits`."""
+    gf = g_s.T @ fs + (g_q.T.astype(fq.dtype, copy=False) @ fq)  # (C, D): sum_i g_ik f_i
     if cosine:
         norm = np.linalg.norm(W, axis=1, keepdims=True)
         wn = W / norm
         gwn = temperature * gf
         return (gwn - wn * (gwn * wn).sum(1, keepdims=True)) / norm  # through the row normalisation
-    # z_ik = -T/2 ||f_i - w_k||^2  ->  dz_ik/dw_k = T (f_i - w_k)
-    return temperature * (gf - (g_s.sum(0) + g_q.sum(0))[:, None] * W)
+    # z_ik = T f_i.w_k - T/2 ||w_k||^2  ->  dz_ik/dw_k = T (f_i - w_k)
+    g_sum = g_s.sum(0) + g_q.sum(0, dtype=np.float64)
+    return temperature * (gf - g_sum[:, None] * W)
 
 
 def rectify_prototypes(fs: np.ndarray, ys: np.ndarray, fq: np.ndarray, n_classes: int,
