@@ -279,8 +279,9 @@ class EnsembleCfg:
     # agreement | transductive | preferred | preferred_mean | top (one-SE set) | gated | auto (best local CV
     # among auto_candidates). Chosen on the re-draw evaluation (pipelines/redraw.py, README, docs/RESULTS.md):
     # on the 40-draw digits tables of encoders trained 20 and 40 SSL epochs, agreement (label-free
-    # Dawid-Skene-style member weights) has the largest smallest margin over both bars (+0.3 points; then the
-    # largest total margin); `preferred` (propagation alone, the earlier default) fails both tables.
+    # Dawid-Skene-style member weights) passes both bars on both (smallest margin +0.3 points), as do rank
+    # (+0.6), mean, shrunk, gated and preferred_mean; agreement keeps calibrated probabilities (rank's
+    # log-loss is 4x), and `preferred` (propagation alone, the earlier default) fails both tables.
     method: str = "agreement"
     members: list[str] = field(default_factory=list)  # empty: every member of the stages in `sources`
     sources: list[str] = field(default_factory=lambda: ["heads", "meta"])  # heads (05_heads) | meta (04_meta)
