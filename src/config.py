@@ -41,6 +41,9 @@ class RunCfg:
     compile_stages: list[str] = field(default_factory=list)  # with compile: only these stages (e.g. [ssl]); empty: all
     num_workers: int = 0  # CPU data-loader workers for the per-image augmentation path
     progress: bool = True  # tqdm progress bars
+    # Optional stages that run_all.py and bench.py pipeline leave out (any of OPTIONAL_STAGES); their old
+    # outputs are removed so later stages never read them. E.g. [metric] when heads.embeddings is ssl.
+    skip_stages: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -467,8 +470,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+# Stages the submission can do without (their consumers list them as optional_after; tests/test_runner.py
+# checks this against the stage graph).
+OPTIONAL_STAGES = ("pseudo", "metric", "meta")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that types alone cannot express. Stage-specific checks live with the stage."""
+    for key in cfg.run.skip_stages:
+        if key not in OPTIONAL_STAGES:
+            raise UserError(f"run.skip_stages: '{key}' cannot be skipped (optional stages: "
+                            f"{', '.join(OPTIONAL_STAGES)})")
     if cfg.run.precision not in ("bf16", "fp32"):
         raise UserError(f"run.precision: expected bf16 or fp32, got '{cfg.run.precision}'")
     if not (cfg.run.device == "auto" or cfg.run.device == "cpu" or cfg.run.device.startswith("cuda")):

@@ -101,3 +101,43 @@ def test_force_reruns(tmp_path):
     run_stage(s.stage, cfg)
     run_stage(s.stage, cfg, force=True)
     assert s.calls == 2
+
+
+def test_optional_stages_are_those_the_submission_can_do_without():
+    from src.config import OPTIONAL_STAGES
+    from src.paths import STAGE_DIRS
+    from src.pipeline_bench import needed_stages
+
+    assert set(OPTIONAL_STAGES) == set(STAGE_DIRS) - needed_stages()
+
+
+def test_skip_stages_leaves_out_a_stage_and_removes_its_old_outputs(tmp_path, monkeypatch, capsys):
+    """run_all with run.skip_stages: the stage does not run, its earlier outputs are removed, and the
+    stage after it no longer fingerprints it (so it reruns on what is left)."""
+    import runpy
+
+    from conftest import REPO
+    from src.config import load_config
+
+    monkeypatch.syspath_prepend(str(REPO / "pipelines"))
+    run_all = runpy.run_path(str(REPO / "pipelines" / "run_all.py"))  # module globals; __main__ block not run
+    cfg = make_cfg(tmp_path)
+    up = CountingStage(key="metric")
+    down = CountingStage(key="heads")
+    down.stage.optional_after = ("metric",)
+    down.stage.sections = ("heads",)
+    stages = [up.stage, down.stage]
+    monkeypatch.setitem(run_all["main"].__globals__, "all_stages", lambda: stages)
+    run_all["main"](cfg)
+    assert (up.calls, down.calls) == (1, 1)
+    metric_dir = tmp_path / "runs" / "t" / "03_metric"
+    assert (metric_dir / "out.txt").exists()
+    cfg.run.skip_stages = ["metric"]
+    run_all["main"](cfg)
+    assert (up.calls, down.calls) == (1, 2)  # metric left out; heads reran without it
+    assert not metric_dir.exists()
+    assert "[03_metric] left out (run.skip_stages)" in capsys.readouterr().out
+    run_all["main"](cfg)
+    assert down.calls == 2  # unchanged now
+    with pytest.raises(UserError, match=r"run\.skip_stages: 'heads' cannot be skipped"):
+        load_config(None, ["run.skip_stages=[heads]"])

@@ -83,6 +83,15 @@ def is_done(stage: Stage, cfg: Config, paths: RunPaths) -> bool:
         return False
 
 
+def skip_stage(stage: Stage, cfg: Config) -> None:
+    """Leave out an optional stage (run.skip_stages): remove any earlier outputs of it, so no later
+    stage reads them and their fingerprints no longer include it."""
+    stage_dir = RunPaths(cfg).stage(stage.key)
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+    print(f"[{stage.dirname}] left out (run.skip_stages)")
+
+
 def run_stage(stage: Stage, cfg: Config, force: bool = False, lr_find: bool = False) -> dict:
     paths = RunPaths(cfg)
     fp = fingerprint(stage, cfg, paths)
