@@ -491,3 +491,13 @@ def test_sinkhorn_balance_warm_start_and_tolerance():
     _, scale = sinkhorn(resp, iters=1000, tol=1e-6)
     warm, _ = sinkhorn(resp, iters=1, scale=scale)  # converged scale: one step changes nothing
     np.testing.assert_allclose(warm, out, atol=1e-5)
+
+
+@pytest.mark.parametrize("width", [1, 10, 17, 100])
+def test_row_reductions_match_numpy(width):
+    from src.transductive.core import row_max, row_sum
+
+    z = np.random.default_rng(width).normal(size=(50, width)).astype(np.float32)
+    np.testing.assert_array_equal(row_max(z), z.max(1, keepdims=True))
+    np.testing.assert_allclose(row_sum(z), z.sum(1, keepdims=True), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(softmax(z).sum(1), 1.0, atol=1e-6)

@@ -85,9 +85,15 @@ class Preprocess:
         return z
 
 
+NARROW = 16  # class axes up to this width take the column-wise paths below; wider ones numpy's own reductions
+
+
 def row_max(z: np.ndarray) -> np.ndarray:
     """max over the class axis of (Q, C), as (Q, 1). numpy reduces a short last axis one row at a time
-    (3.3 ms for 60,000 x 10 float32); C column-wise maxima take 0.6 ms (docs/RESULTS.md, issue 10)."""
+    (3.3 ms for 60,000 x 10 float32); C column-wise maxima take 0.6 ms. From 32 columns on the strided
+    column passes lose (micro-benchmark, docs/RESULTS.md), so wide axes use z.max(axis=1)."""
+    if z.shape[1] > NARROW:
+        return z.max(axis=1, keepdims=True)
     m = z[:, 0].copy()
     for k in range(1, z.shape[1]):
         np.maximum(m, z[:, k], out=m)
@@ -95,8 +101,10 @@ def row_max(z: np.ndarray) -> np.ndarray:
 
 
 def row_sum(z: np.ndarray) -> np.ndarray:
-    """sum over the class axis of (Q, C), as (Q, 1): a matrix-vector product (0.08 ms for 60,000 x 10
-    against 1.0 ms for z.sum(1))."""
+    """sum over the class axis of (Q, C), as (Q, 1): for a narrow axis a matrix-vector product (0.1-0.2 ms
+    for 60,000 x 10 against 1.0 ms for z.sum(1)), else z.sum(axis=1)."""
+    if z.shape[1] > NARROW:
+        return z.sum(axis=1, keepdims=True)
     return (z @ np.ones(z.shape[1], z.dtype))[:, None]
 
 
