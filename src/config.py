@@ -108,6 +108,10 @@ class SSLCfg:
     gpu_augment: str = "auto"  # auto (GPU path on CUDA) | gpu | cpu
     crop_scale_min: float = 0.2
     view_size: int = 0  # >0: side of the global views in training (e.g. 16: ~4x fewer FLOPs); embeddings keep image_size
+    # precision of the training step on the CPU (with run.precision bf16): fp32 | bf16 (autocast) | auto (bf16
+    # when the CPU advertises native bf16 matmul, AMX-BF16 or AVX512-BF16; fp32 on Zen 3, where bf16 is
+    # emulated). Embeddings stay fp32.
+    cpu_precision: str = "fp32"
     flip: bool = True  # random horizontal flips (off for mirror-sensitive images such as digits)
     rotate_deg: float = 0.0  # random rotation in +-rotate_deg degrees (handwriting slant); 0: off
     color_jitter: float = 0.4

@@ -45,11 +45,26 @@ def use_channels_last(requested: bool, device: torch.device, model: torch.nn.Mod
     return min(inputs, default=CPU_CHANNELS_LAST_MIN_CHANNELS) >= CPU_CHANNELS_LAST_MIN_CHANNELS
 
 
-def autocast(device: torch.device, precision: str = "bf16"):
-    """bf16 autocast on CUDA; a no-op on CPU (CPU bf16 is slower than fp32 on most hosts)."""
-    if device.type == "cuda" and precision == "bf16":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast(device: torch.device, precision: str = "bf16", cpu: bool = False):
+    """bf16 autocast on CUDA; on the CPU only when `cpu` (ssl.cpu_precision): bf16 is emulated and slower
+    than fp32 on CPUs without native bf16 matmul (Zen 3), 1.65x faster on AMX (docs/RESULTS.md)."""
+    if precision == "bf16" and (device.type == "cuda" or (device.type == "cpu" and cpu)):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether the CPU advertises bf16 matmul instructions (amx_bf16 or avx512_bf16 flags; Linux)."""
+    try:
+        flags = Path(cpuinfo).read_text()
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_cpu_bf16(mode: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether ssl.cpu_precision (bf16, fp32, or auto: bf16 where the CPU has native bf16) means bf16."""
+    return mode == "bf16" or (mode == "auto" and cpu_has_native_bf16(cpuinfo))
 
 
 def seed_everything(seed: int) -> None:

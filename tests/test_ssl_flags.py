@@ -58,3 +58,39 @@ def test_view_size_sets_the_training_resolution_only():
 def test_view_size_out_of_range_is_a_config_error(value):
     with pytest.raises(UserError, match=r"ssl.view_size: must be in 0..data.image_size"):
         validate(_cfg(f"ssl.view_size={value}"))
+
+
+def test_cpu_bf16_autocast_follows_the_flag_and_the_cpu(tmp_path):
+    """autocast on the CPU only with cpu=True and run.precision bf16; auto reads the CPU's bf16 flags."""
+    from src.runtime import autocast, resolve_cpu_bf16
+
+    lin = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+    cpu = torch.device("cpu")
+    for precision, on, dtype in (("bf16", True, torch.bfloat16), ("bf16", False, torch.float32),
+                                 ("fp32", True, torch.float32)):
+        with autocast(cpu, precision, cpu=on):
+            assert lin(x).dtype == dtype, (precision, on)
+    amx, zen3 = tmp_path / "amx", tmp_path / "zen3"
+    amx.write_text("flags\t\t: fpu sse avx2 avx512f amx_bf16 amx_tile\n")
+    zen3.write_text("flags\t\t: fpu sse avx2 fma\n")
+    assert resolve_cpu_bf16("auto", str(amx)) and not resolve_cpu_bf16("auto", str(zen3))
+    assert not resolve_cpu_bf16("auto", str(tmp_path / "missing"))  # no /proc/cpuinfo: off
+    assert resolve_cpu_bf16("bf16", str(zen3)) and not resolve_cpu_bf16("fp32", str(amx))
+    with pytest.raises(UserError, match=r"ssl.cpu_precision: expected auto, bf16 or fp32, got 'fp16'"):
+        validate(_cfg("ssl.cpu_precision=fp16"))
+
+
+def test_ssl_step_under_cpu_bf16_trains_fp32_weights():
+    """A training step with ssl.cpu_precision=bf16: finite loss, weights stay float32 and move."""
+    cfg = _cfg("ssl.cpu_precision=bf16", "ssl.warmup_epochs=0")  # no warmup: step 0 has a nonzero LR
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    run = SSLRun(cfg, 64, torch.device("cpu"))
+    assert run.cpu_bf16
+    views, _ = next(DeviceViews(cfg, images, torch.device("cpu"), 8, 0, 32).epoch(0, 1))
+    before = [p.detach().clone() for p in run.model.parameters()]
+    loss, _ = run.step(views, [], 0)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    after = list(run.model.parameters())
+    assert all(p.dtype == torch.float32 for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))

@@ -82,7 +82,7 @@ def bench_ssl(cfg: Config, args: argparse.Namespace) -> dict:
     n_views = 2 + n_local
     out = {"bench": "ssl", "device": str(device), "machine": machine_info(device), "backbone": cfg.backbone.name,
            "width": cfg.backbone.width, "objectives": cfg.ssl.objectives, "batch_size": batch,
-           "precision": cfg.run.precision if device.type == "cuda" else "fp32", "compile": cfg.run.compile,
+           "precision": cfg.run.precision if device.type == "cuda" or run.cpu_bf16 else "fp32", "compile": cfg.run.compile,
            "channels_last": run.channels_last, "images": source_name, "steps": args.steps, "warmup": args.warmup}
 
     # Augmentation alone, per path.

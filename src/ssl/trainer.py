@@ -29,7 +29,7 @@ from src.errors import UserError
 from src.models.encoder import Encoder, embed, save_encoder
 from src.paths import RunPaths
 from src.probe import knn_probe, pixel_features, rankme, truth_rows
-from src.runtime import autocast, resolve_device, sync, use_channels_last
+from src.runtime import autocast, resolve_cpu_bf16, resolve_device, sync, use_channels_last
 from src.ssl.objectives import OBJECTIVES, SSLModel
 from src.ssl.views import augment_path, make_views
 from src.train_utils import (Checkpointer, all_reduce_mean, barrier, build_optimizer, cosine_ramp, dist_info,
@@ -62,6 +62,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"ssl.crop_scale_min: must be in (0, 1], got {s.crop_scale_min}")
     if len(s.local_crop_scale) != 2 or not 0 < s.local_crop_scale[0] <= s.local_crop_scale[1] <= 1:
         raise UserError(f"ssl.local_crop_scale: expected [min, max] within (0, 1], got {s.local_crop_scale}")
+    if s.cpu_precision not in ("auto", "bf16", "fp32"):
+        raise UserError(f"ssl.cpu_precision: expected auto, bf16 or fp32, got '{s.cpu_precision}'")
     if s.optimizer not in ("sgd", "adamw", "lars"):
         raise UserError(f"ssl.optimizer: unknown optimizer '{s.optimizer}' (known: adamw, lars, sgd)")
     if s.batch_size % world:
@@ -97,6 +99,7 @@ class SSLRun:
         self.cfg, self.device = cfg, device
         self.model = SSLModel(Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size), cfg.ssl).to(device)
         self.channels_last = use_channels_last(cfg.run.channels_last, device, self.model.encoder)
+        self.cpu_bf16 = resolve_cpu_bf16(cfg.ssl.cpu_precision)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.batch = cfg.ssl.batch_size // info.world  # per process
@@ -124,7 +127,7 @@ class SSLRun:
         """One optimisation step; returns detached device tensors (no host sync). rows: the batch's
         (B,) image rows, for objectives that need them (deepcluster)."""
         set_lr(self.optimizer, float(self.lrs[global_step]))
-        with autocast(self.device, self.cfg.run.precision):
+        with autocast(self.device, self.cfg.run.precision, cpu=self.cpu_bf16):
             loss, parts = self.net(views, local_views, rows)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
