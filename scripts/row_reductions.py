@@ -10,14 +10,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.transductive.core import NARROW  # noqa: E402
-
-
-def column_max(z):
-    m = z[:, 0].copy()
-    for k in range(1, z.shape[1]):
-        np.maximum(m, z[:, k], out=m)
-    return m
+from src.transductive.core import NARROW, column_max  # noqa: E402
 
 
 def ms(fn):

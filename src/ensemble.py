@@ -355,24 +355,32 @@ def rule_agreement(m: Members, p: RuleParams) -> Combined:
                     "weights from agreement with the consensus on the test images (label-free)")
 
 
+def equal_weight_mean(m: Members, keep: np.ndarray, which: str) -> Combined:
+    """Equal-weight mean of the members where keep (M,) bool is set; `which` names them in the note."""
+    w = keep / keep.sum()
+    return Combined(mean_probs(m.oof, w), mean_probs(m.probs, w), w,
+                    f"equal weights over the {which} members: " + ", ".join(n for n, k in zip(m.names, keep) if k))
+
+
+def no_preferred_member(m: Members, p: RuleParams) -> UserError:
+    return UserError(f"ensemble.preferred: none of {', '.join(p.preferred) or '(empty)'} is a member "
+                     f"(members: {', '.join(m.names)})")
+
+
 @rule("transductive")
 def rule_transductive(m: Members, p: RuleParams) -> Combined:
     keep = np.array(m.transductive, bool) if m.transductive else np.zeros(len(m.names), bool)
     if not keep.any():
         raise UserError("ensemble.method=transductive: no transductive member "
                         f"(members: {', '.join(m.names)})")
-    w = keep / keep.sum()
-    return Combined(mean_probs(m.oof, w), mean_probs(m.probs, w), w,
-                    "equal weights over the transductive members: "
-                    + ", ".join(n for n, k in zip(m.names, keep) if k))
+    return equal_weight_mean(m, keep, "transductive")
 
 
 @rule("preferred")
 def rule_preferred(m: Members, p: RuleParams) -> Combined:
     chosen = next((n for n in p.preferred if n in m.names), None)
     if chosen is None:
-        raise UserError(f"ensemble.preferred: none of {', '.join(p.preferred) or '(empty)'} is a member "
-                        f"(members: {', '.join(m.names)})")
+        raise no_preferred_member(m, p)
     k = m.names.index(chosen)
     return Combined(m.oof[k], m.probs[k], np.eye(len(m.names))[k], f"fixed member {chosen} (ensemble.preferred)")
 
@@ -384,11 +392,8 @@ def rule_preferred_mean(m: Members, p: RuleParams) -> Combined:
     (40-draw digits tables in docs/RESULTS.md: it passes both bars where `preferred` fails them)."""
     keep = np.array([n in p.preferred for n in m.names], bool)
     if not keep.any():
-        raise UserError(f"ensemble.preferred: none of {', '.join(p.preferred) or '(empty)'} is a member "
-                        f"(members: {', '.join(m.names)})")
-    w = keep / keep.sum()
-    return Combined(mean_probs(m.oof, w), mean_probs(m.probs, w), w,
-                    "equal weights over the preferred members: " + ", ".join(n for n, k in zip(m.names, keep) if k))
+        raise no_preferred_member(m, p)
+    return equal_weight_mean(m, keep, "preferred")
 
 
 def one_se_members(oof: list[np.ndarray], y: np.ndarray) -> np.ndarray:

@@ -251,13 +251,15 @@ def bench_pipeline(cfg: Config, args: argparse.Namespace) -> dict:
     skipped: list[str] = []
     try:
         for key, dirname in STAGE_DIRS.items():
-            reason = "run.skip_stages" if key in cfg.run.skip_stages else skip_reason(
-                key, time.perf_counter() - t_start, args.deadline_s, cfg.bench.stage_budget_s, needed, skipped)
-            if reason:
-                if key in cfg.run.skip_stages:
-                    from src.stages import get_stage, skip_stage
+            if key in cfg.run.skip_stages:
+                from src.stages import get_stage, skip_stage
 
-                    skip_stage(get_stage(key), cfg)
+                skip_stage(get_stage(key), cfg)  # removes its old outputs
+                reason = "run.skip_stages"
+            else:
+                reason = skip_reason(key, time.perf_counter() - t_start, args.deadline_s, cfg.bench.stage_budget_s,
+                                     needed, skipped)
+            if reason:
                 print(f"bench: skipping {dirname} ({reason})", flush=True)
                 skipped.append(key)
                 result["stages"].append({"stage": dirname, "key": key, "status": "skipped", "reason": reason,

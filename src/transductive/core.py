@@ -88,16 +88,21 @@ class Preprocess:
 NARROW = 16  # class axes up to this width take the column-wise paths below; wider ones numpy's own reductions
 
 
+def column_max(z: np.ndarray) -> np.ndarray:
+    """(Q,) maxima of (Q, C) by C column-wise passes (scripts/row_reductions.py times it)."""
+    m = z[:, 0].copy()
+    for k in range(1, z.shape[1]):
+        np.maximum(m, z[:, k], out=m)
+    return m
+
+
 def row_max(z: np.ndarray) -> np.ndarray:
     """max over the class axis of (Q, C), as (Q, 1). numpy reduces a short last axis one row at a time
     (3.3 ms for 60,000 x 10 float32); C column-wise maxima take 0.6 ms. From 32 columns on the strided
     column passes lose (micro-benchmark, docs/RESULTS.md), so wide axes use z.max(axis=1)."""
     if z.shape[1] > NARROW:
         return z.max(axis=1, keepdims=True)
-    m = z[:, 0].copy()
-    for k in range(1, z.shape[1]):
-        np.maximum(m, z[:, k], out=m)
-    return m[:, None]
+    return column_max(z)[:, None]
 
 
 def row_sum(z: np.ndarray) -> np.ndarray:
