@@ -15,13 +15,17 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
 	touch $(STAMP)
 
+$(VENV)/.installed-test: requirements-test.txt $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-test.txt -c requirements.txt
+	touch $@
+
 venv: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) pipelines/run_all.py -c $(CONFIG)
 	$(PY) pipelines/baseline.py -c $(CONFIG)
 
-test: $(STAMP)
+test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

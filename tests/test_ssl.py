@@ -152,7 +152,7 @@ def test_every_objective_trains(backbone, objective):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     model.on_epoch_start(0, images.numpy())  # deepcluster: k-means targets
     losses = []
-    for _ in range(5):
+    for _ in range(8):
         loss, _ = model(views, local if model.uses_local else [], rows=torch.arange(len(images)))
         opt.zero_grad()
         loss.backward()

@@ -3,13 +3,23 @@ and save/load through safetensors (never pickles).
 
 An encoder maps a float batch (B, 3, H, W), normalised by :func:`to_input`, to pooled features
 (B, D) with ``encoder.dim == D``. A saved encoder is two files: ``encoder.safetensors`` (weights)
-and ``encoder.json`` (the BackboneCfg it was built from, plus the image and model input sizes).
+and ``encoder.json`` (the BackboneCfg it was built from, the image and model input sizes, and the
+input statistics).
+
+Input statistics: :func:`to_input` always normalises with ImageNet's mean and std (augmentations and
+every caller rely on it). A model trained on other statistics, e.g. EfficientNet-Lite's
+(x/255 - 0.5)/0.5 (timm's ``pretrained_cfg`` mean/std), gets them in :meth:`Encoder.forward`
+through one per-channel affine map (x * scale + shift); models with ImageNet statistics skip it.
+``encoder.json`` records the statistics and :func:`load_encoder` restores them (a file without them
+was trained on ImageNet-normalised inputs and keeps those).
 
 Pretrained weights (``backbone.pretrained``): a local ``.safetensors`` or ``.pth`` file (read with
-``weights_only=True``, never a pickle) for any timm model; ``backbone.allow_download=true`` lets timm
-fetch its own weights from the hub instead, only when the user sets it. ImageNet weights expect
-their native resolution: ``data.model_input_size`` (e.g. 224) resizes every 32x32 input inside
-:meth:`Encoder.forward` (bilinear), which multiplies the FLOPs by (224/32)^2 = 49.
+``weights_only=True``, never a pickle) for any timm model, or the name of an installed weight source
+(:mod:`src.models.weights`, e.g. ``efficientnet_lite0`` for ``backbone.name=tf_efficientnet_lite0``);
+``backbone.allow_download=true`` lets timm fetch its own weights from the hub instead, only when the
+user sets it. ImageNet weights expect their native resolution: ``data.model_input_size`` (e.g. 224)
+resizes every 32x32 input inside :meth:`Encoder.forward` (bilinear), which multiplies the FLOPs by
+(224/32)^2 = 49.
 """
 from __future__ import annotations
 
@@ -26,12 +36,15 @@ from tqdm import tqdm
 from src import io
 from src.config import BackboneCfg
 from src.errors import UserError
+from src.models.weights import check_spec, read_weights, resolve  # noqa: F401 - read_weights: re-exported
 from src.registry import Registry
 from src.runtime import autocast
 
-# ImageNet statistics: keep them so users' locally pretrained timm weights see familiar inputs.
-MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255.0
-STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255.0
+# ImageNet statistics (0..1 units): what to_input normalises with, and most timm weights expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255.0
+STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255.0
 
 # Named presets; any other timm model name is passed to timm as is.
 BACKBONES = Registry("backbone")
@@ -90,13 +103,33 @@ class Encoder(nn.Module):
         if cfg.small_stem:
             adapt_small_stem(self.net)
         if cfg.pretrained:
-            load_pretrained(self.net, Path(cfg.pretrained), cfg.name, cfg.small_stem)
+            check_spec(cfg.pretrained, cfg.name)  # a file, or an installed source of this architecture
+            state, _ = resolve(cfg.pretrained)  # timm names
+            load_pretrained(self.net, state, cfg.pretrained, cfg.name, cfg.small_stem)
         self.cfg = cfg
         self.image_size = image_size
         self.input_size = input_size
         self.dim = int(self.net.num_features)
+        self.set_input_stats(*model_stats(self.net))
+
+    def set_input_stats(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """Statistics (0..1 units) the network expects. Other than ImageNet's: forward maps the
+        ImageNet-normalised batch onto them with x * in_scale + in_shift, (1, 3, 1, 1) non-persistent
+        buffers (saved encoder files stay the same); ImageNet's: both are None and forward skips it."""
+        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        scale = shift = None
+        if not np.allclose(self.mean + self.std, IMAGENET_MEAN + IMAGENET_STD, rtol=0, atol=1e-6):
+            m = torch.tensor(self.mean).view(1, 3, 1, 1) * 255.0
+            s = torch.tensor(self.std).view(1, 3, 1, 1) * 255.0
+            scale, shift = STD / s, (MEAN - m) / s  # (p - MEAN) / STD * scale + shift == (p - m) / s
+            device = next(self.net.parameters()).device
+            scale, shift = scale.to(device), shift.to(device)
+        self.register_buffer("in_scale", scale, persistent=False)
+        self.register_buffer("in_shift", shift, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_scale is not None:  # ImageNet-normalised -> the model's own statistics
+            x = x * self.in_scale + self.in_shift
         if self.input_size and x.shape[-1] != self.input_size:
             # (B, 3, h, w) -> (B, 3, S, S): a linear map, so resizing the normalised batch equals
             # normalising the resized images. Costs (S/h)^2 more FLOPs in the network.
@@ -127,43 +160,15 @@ def adapt_small_stem(net: nn.Module) -> None:
 # Tensors a weights file may have that the encoder does not: the classifier (num_classes=0 drops it;
 # timm's pretrained_cfg names it too).
 HEAD_PREFIXES = ("fc.", "head.", "classifier.", "head_dist.", "last_linear.")
-# Prefixes that wrap a timm state dict: DDP ("module."), torch.compile ("_orig_mod."), save_encoder ("net.").
-WRAP_PREFIXES = ("module.", "_orig_mod.", "net.")
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a weights-only .pth/.pt/.bin (plain or under 'state_dict',
-    'model' or 'state_dict_ema'), with wrapper prefixes removed. UserError when unreadable."""
-    if not path.is_file():
-        raise UserError(f"{path}: backbone.pretrained weights not found")
-    try:
-        if path.suffix == ".safetensors":
-            state = io.load_tensors(path)
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad file, reported on one line
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{path}: not a readable weights file (safetensors, or a weights-only torch file): "
-                        f"{first[:200]}") from None
-    if isinstance(state, dict):
-        for key in ("state_dict", "model", "state_dict_ema"):
-            if isinstance(state.get(key), dict):
-                state = state[key]
-                break
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"{path}: expected a mapping of parameter names to tensors")
-    for prefix in WRAP_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
-
-
-def load_pretrained(net: nn.Module, path: Path, name: str = "", small_stem: bool = False) -> None:
-    """Load a local weights file into a timm model. Every tensor must fit except the classifier
-    (dropped with num_classes=0) and, with backbone.small_stem, the replaced stem convolution (kept
-    freshly initialised); anything else (another architecture or width) is a one-line UserError,
-    never a silent partial load."""
-    state = read_weights(path)
+def load_pretrained(net: nn.Module, state: dict[str, torch.Tensor], path: Path | str, name: str = "",
+                    small_stem: bool = False) -> None:
+    """Load a timm-named state dict (from :func:`src.models.weights.resolve`; `path` names its origin
+    in messages) into a timm model. Every tensor must fit except the classifier (dropped with
+    num_classes=0) and, with backbone.small_stem, the replaced stem convolution (kept freshly
+    initialised); anything else (another architecture or width) is a one-line UserError, never a
+    silent partial load."""
     own = net.state_dict()
     classifier = (getattr(net, "pretrained_cfg", None) or {}).get("classifier")
     head = HEAD_PREFIXES + ((f"{classifier}.",) if isinstance(classifier, str) else ())
@@ -182,6 +187,16 @@ def load_pretrained(net: nn.Module, path: Path, name: str = "", small_stem: bool
     net.load_state_dict(load, strict=False)
     note = f" (kept fresh: {stem}, the small_stem 3x3 convolution)" if stem and stem not in load else ""
     print(f"loaded {len(load)}/{len(own)} tensors from {path}{note}")
+
+
+def model_stats(net: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) in 0..1 units the timm model was trained with (its pretrained_cfg); ImageNet's
+    when timm does not say."""
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    mean, std = cfg.get("mean"), cfg.get("std")
+    if mean is None or std is None or len(mean) != 3 or len(std) != 3:
+        return IMAGENET_MEAN, IMAGENET_STD
+    return tuple(mean), tuple(std)
 
 
 def stem_conv_key(net: nn.Module) -> str | None:
@@ -215,9 +230,10 @@ def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 @torch.no_grad()
 def embed(encoder: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1024,
           precision: str = "bf16", flip_tta: bool = False, channels_last: bool = False,
-          progress: bool = False) -> np.ndarray:
+          cpu_bf16: bool = False, progress: bool = False) -> np.ndarray:
     """uint8 (N, H, W, 3) -> L2-normalised float32 (N, D). flip_tta averages the features of the
-    image and its horizontal mirror before normalising."""
+    image and its horizontal mirror before normalising. cpu_bf16: bf16 autocast on the CPU too
+    (ssl.cpu_precision; CPUs with native bf16 only)."""
     was_training = encoder.training
     encoder.eval()
     out = []
@@ -225,7 +241,7 @@ def embed(encoder: nn.Module, images: np.ndarray, device: torch.device, batch_si
         chunk = np.array(images[start:start + batch_size])  # a writable copy: the image cache is a read-only memmap
         batch = torch.from_numpy(chunk).to(device, non_blocking=True)
         x = to_input(batch, channels_last)
-        with autocast(device, precision):
+        with autocast(device, precision, cpu=cpu_bf16):
             f = encoder(x).float()
             if flip_tta:
                 f = f + encoder(torch.flip(x, dims=[3])).float()
@@ -237,9 +253,10 @@ def embed(encoder: nn.Module, images: np.ndarray, device: torch.device, batch_si
 def save_encoder(encoder: Encoder, weights: Path, spec: Path, extra: dict | None = None) -> None:
     state = {k: v for k, v in unwrap(encoder).state_dict().items()}
     io.save_tensors(weights, state)
-    io.write_json(spec, {"backbone": dataclasses.asdict(unwrap(encoder).cfg),
-                         "image_size": unwrap(encoder).image_size, "input_size": unwrap(encoder).input_size,
-                         "dim": unwrap(encoder).dim, **(extra or {})})
+    enc = unwrap(encoder)
+    io.write_json(spec, {"backbone": dataclasses.asdict(enc.cfg), "image_size": enc.image_size,
+                         "input_size": enc.input_size, "dim": enc.dim, "mean": list(enc.mean), "std": list(enc.std),
+                         **(extra or {})})
 
 
 def load_encoder(weights: Path, spec: Path, device: torch.device | str = "cpu") -> Encoder:
@@ -248,6 +265,8 @@ def load_encoder(weights: Path, spec: Path, device: torch.device | str = "cpu") 
     meta = io.read_json(spec)
     cfg = BackboneCfg(**{**meta["backbone"], "pretrained": "", "allow_download": False})
     encoder = Encoder(cfg, meta["image_size"], meta.get("input_size", 0))
+    # the statistics it was trained with; files written before per-model statistics saw ImageNet's
+    encoder.set_input_stats(meta.get("mean", IMAGENET_MEAN), meta.get("std", IMAGENET_STD))
     encoder.load_state_dict(io.load_tensors(weights))
     return encoder.to(device)
 
