@@ -57,6 +57,10 @@ class DataCfg:
     # ImageNet-pretrained timm weights; costs (model_input_size / image_size)^2 times the FLOPs. 0: off
     model_input_size: int = 0
     skip_corrupt: bool = False  # skip (and count) undecodable images instead of failing
+    # >0: 00_prepare keeps this many unlabeled train images (a fixed random sample, seed 0); labeled and
+    # test images are always kept. Bounds the cost of encoders that embed every image (pretrained
+    # features at 224x224). 0: all
+    unlabeled_limit: int = 0
     demo_test_size: int = 500  # digits builder: number of test images
 
 
@@ -64,7 +68,9 @@ class DataCfg:
 class BackboneCfg:
     name: str = "resnet18"  # any timm model name
     small_stem: bool = True  # 3x3 stride-1 first conv, no max-pool: for 32x32 inputs
-    pretrained: str = ""  # local weights file (.safetensors / weights-only .pth) for this timm model; never downloads
+    # local weights file (.safetensors / weights-only .pth) for this timm model, or an installed weight
+    # source (src/models/weights.py: efficientnet_lite0..2 for tf_efficientnet_lite0..2); never downloads
+    pretrained: str = ""
     allow_download: bool = False  # true: timm fetches the model's pretrained weights from its hub (only when asked)
     width: int = 0  # >0: override timm's base width where supported (tiny CPU models)
     stem_width: int = 0  # >0: ResNet stem channels (timm default 64; dominates the cost of narrow CPU models)
@@ -89,7 +95,7 @@ class DedupCfg:
 @dataclass
 class SSLCfg:
     objectives: dict[str, float] = field(default_factory=lambda: {"simclr": 1.0})
-    epochs: int = 100
+    epochs: int = 100  # 0: no training, the (pretrained) encoder embeds every image as it is
     batch_size: int = 512
     optimizer: str = "sgd"  # sgd | adamw | lars
     lr: float = 0.06  # base LR for batch 256, scaled linearly with batch_size
@@ -108,9 +114,9 @@ class SSLCfg:
     gpu_augment: str = "auto"  # auto (GPU path on CUDA) | gpu | cpu
     crop_scale_min: float = 0.2
     view_size: int = 0  # >0: side of the global views in training (e.g. 16: ~4x fewer FLOPs); embeddings keep image_size
-    # precision of the training step on the CPU (with run.precision bf16): fp32 | bf16 (autocast) | auto (bf16
-    # when the CPU advertises native bf16 matmul, AMX-BF16 or AVX512-BF16; fp32 on Zen 3, where bf16 is
-    # emulated). Embeddings stay fp32.
+    # precision of the training step and of the embedding passes on the CPU (with run.precision bf16): fp32 |
+    # bf16 (autocast) | auto (bf16 when the CPU advertises native bf16 matmul, AMX-BF16 or AVX512-BF16; fp32
+    # on Zen 3, where bf16 is emulated). Embeddings are written in float16 either way.
     cpu_precision: str = "fp32"
     flip: bool = True  # random horizontal flips (off for mirror-sensitive images such as digits)
     rotate_deg: float = 0.0  # random rotation in +-rotate_deg degrees (handwriting slant); 0: off
@@ -122,7 +128,8 @@ class SSLCfg:
     probe_every: int = 10  # epochs between kNN probes
     probe_k: int = 20
     max_steps_per_epoch: int = 0  # >0: cap (smoke tests / scale checks)
-    embed_batch_size: int = 1024
+    embed_batch_size: int = 1024  # images per forward pass when embedding (small for large model inputs: cache)
+    embed_flip: bool = False  # the written embeddings average each image's features with its mirror's
     min_lr_ratio: float = 0.0  # cosine schedule ends at lr * min_lr_ratio
     dino_bottleneck: int = 256  # DINO head bottleneck before the prototypes
     local_crop_size: int = 16  # multi-crop (dino, simclr): side of local crops in pixels (ViTs use image_size)
@@ -504,6 +511,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"dedup.embedding_cosine: must be in [-1, 1], got {cfg.dedup.embedding_cosine}")
     if cfg.dedup.neighbors < 1 or cfg.dedup.report_pairs < 0:
         raise UserError("dedup.neighbors: must be >= 1 and dedup.report_pairs >= 0")
+    if cfg.data.unlabeled_limit < 0:
+        raise UserError(f"data.unlabeled_limit: must be >= 0 (0: all), got {cfg.data.unlabeled_limit}")
     if cfg.data.model_input_size < 0:
         raise UserError(f"data.model_input_size: must be >= 0 (0: off), got {cfg.data.model_input_size}")
     from src.paths import STAGE_DIRS  # late: src.paths imports this module

@@ -179,3 +179,31 @@ def test_real_process_exit_status(tmp_path):
                            f"data.path={tmp_path / 'missing'}"], capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "competition folder not found" in proc.stderr
+
+
+def test_unlabeled_limit_keeps_labeled_and_test_rows(comp, tmp_path, capsys):
+    full = prepare(comp, tmp_path, capsys)
+    assert full[0] == 0
+    before = pd.read_csv(tmp_path / "runs/t/00_prepare/index.csv", dtype={"image_id": str})
+    unlabeled = ((before["split"] == "train") & (before["label"] < 0)).sum()
+    result = prepare(comp, tmp_path, capsys, "data.unlabeled_limit=100")
+    assert result[0] == 0 and f"{unlabeled - 100} more left out by data.unlabeled_limit" in result.out
+    index = pd.read_csv(tmp_path / "runs/t/00_prepare/index.csv", dtype={"image_id": str})
+    kept = index[(index["split"] == "train") & (index["label"] < 0)]
+    assert len(kept) == 100 and set(kept["image_id"]) <= set(before["image_id"])
+    assert kept["image_id"].tolist() == sorted(kept["image_id"])  # file order kept
+    for rows in (index[index["label"] >= 0], index[index["split"] == "test"]):  # every labeled and test row stays
+        old = before[before["image_id"].isin(rows["image_id"])]
+        assert len(old) == len(rows) and old["label"].tolist() == rows["label"].tolist()
+    images = np.load(tmp_path / "runs/t/00_prepare/images.npy", mmap_mode="r")
+    assert images.shape[0] == len(index)
+    report = json.loads((tmp_path / "runs/t/00_prepare/report.json").read_text())
+    assert report["unlabeled_train"] == 100 and report["unlabeled_left_out"] == unlabeled - 100
+    # the same sample every time (fixed seed), and a limit above the count keeps everything
+    again = prepare(comp, tmp_path, capsys, "data.unlabeled_limit=100", "run.name=t2")
+    assert again[0] == 0
+    same = pd.read_csv(tmp_path / "runs/t2/00_prepare/index.csv", dtype={"image_id": str})
+    assert same["image_id"].tolist() == index["image_id"].tolist()
+    assert prepare(comp, tmp_path, capsys, f"data.unlabeled_limit={unlabeled + 5}", "run.name=t3")[0] == 0
+    assert len(pd.read_csv(tmp_path / "runs/t3/00_prepare/index.csv")) == len(before)
+    assert prepare(comp, tmp_path, capsys, "data.unlabeled_limit=-1", "run.name=t4")[1].count("\n") == 1

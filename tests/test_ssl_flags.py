@@ -94,3 +94,40 @@ def test_ssl_step_under_cpu_bf16_trains_fp32_weights():
     after = list(run.model.parameters())
     assert all(p.dtype == torch.float32 for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(comp, tmp_path, capsys):
+    """ssl.epochs=0: no step runs; 01_ssl writes the loaded encoder unchanged and its embeddings
+    (ssl.embed_flip: mean of each image's and its mirror's features)."""
+    from conftest import run_script
+    from src import io
+    from src.config import BackboneCfg
+    from src.models.encoder import Encoder, embed
+
+    torch.manual_seed(3)
+    weights = tmp_path / "w.safetensors"
+    source = Encoder(BackboneCfg(name="resnet18", width=4, stem_width=8, small_stem=True)).eval()
+    io.save_tensors(weights, source.net.state_dict())
+    args = [f"run.root={tmp_path / 'runs'}", "run.name=z", "run.device=cpu", "run.progress=false",
+            f"data.path={comp}", "backbone.width=4", "backbone.stem_width=8", f"backbone.pretrained={weights}",
+            "ssl.epochs=0", "ssl.embed_flip=true", "ssl.batch_size=16", "ssl.proj_hidden=16", "ssl.proj_dim=8"]
+    assert run_script("00_prepare.py", *args, capsys=capsys)[0] == 0
+    assert run_script("01_ssl.py", *args, capsys=capsys)[0] == 0
+    stage = tmp_path / "runs/z/01_ssl"
+    saved = io.load_tensors(stage / "encoder.safetensors")
+    for key, value in source.net.state_dict().items():
+        torch.testing.assert_close(saved[f"net.{key}"], value)  # untouched: no optimiser step ran
+    images = np.load(tmp_path / "runs/z/00_prepare/images.npy")
+    written = np.load(stage / "embeddings.npy").astype(np.float32)
+    flipped = embed(source, images, torch.device("cpu"), 256, "fp32", flip_tta=True)
+    plain = embed(source, images, torch.device("cpu"), 256, "fp32")
+    np.testing.assert_allclose(written, flipped, atol=2e-3)  # float16 on disk
+    assert np.abs(written - plain).max() > 1e-2  # the mirror changed them
+    assert not (stage / "log.jsonl").exists() or not io.read_jsonl(stage / "log.jsonl")
+
+
+def test_zero_epochs_without_weights_is_a_config_error():
+    with pytest.raises(UserError, match="ssl.epochs: 0 embeds with the encoder as loaded"):
+        validate(_cfg("ssl.epochs=0"))
+    with pytest.raises(UserError, match="ssl.epochs: must be >= 0"):
+        validate(_cfg("ssl.epochs=-1"))

@@ -90,6 +90,7 @@ def prepare(cfg: Config, paths: RunPaths) -> dict:
             rows.append((id_of.get(f, f.name if with_ext else stem), split, lab.get(f, -1), f))
     rows += [(i, "test", -1, f) for i, f in zip(sample["image_id"], test_files)]
     unlisted_test = len(files["test"]) - len(sample)
+    rows, dropped = limit_unlabeled(rows, cfg.data.unlabeled_limit)
 
     stats = DecodeStats()
     images = np.empty((len(rows), size, size, 3), dtype=np.uint8)
@@ -132,6 +133,7 @@ def prepare(cfg: Config, paths: RunPaths) -> dict:
         "labeled_per_class": {str(classes[k]): int(v) for k, v in
                               index[index["label"] >= 0].groupby("label").size().items()},
         "unlabeled_train": int(((index["split"] == "train") & (index["label"] < 0)).sum()),
+        "unlabeled_left_out": dropped,
         "modes": dict(stats.modes), "sizes": dict(stats.sizes), "converted": stats.converted,
         "corrupt": len(stats.corrupt), "corrupt_files": stats.corrupt[:50], "unlisted_test_images": unlisted_test,
         "duplicates": duplicates, "notes": notes,
@@ -142,6 +144,16 @@ def prepare(cfg: Config, paths: RunPaths) -> dict:
     print_report(report)
     return {k: report[k] for k in ("counts", "corrupt", "converted", "seconds")} | {
         "duplicate_groups": duplicates["groups"], "near_duplicate_pairs": None if near is None else near["pairs"]}
+
+
+def limit_unlabeled(rows: list[tuple], limit: int, seed: int = 0) -> tuple[list[tuple], int]:
+    """Keep at most `limit` unlabeled train rows (a fixed random sample, file order kept); labeled,
+    validation and test rows always stay. limit 0: all. Returns (rows, number left out)."""
+    unlabeled = [r for r, (_, split, label, _) in enumerate(rows) if split == "train" and label < 0]
+    if not limit or len(unlabeled) <= limit:
+        return rows, 0
+    drop = set(np.random.default_rng(seed).choice(unlabeled, len(unlabeled) - limit, replace=False).tolist())
+    return [row for r, row in enumerate(rows) if r not in drop], len(drop)
 
 
 def check_classes(folder: Path, labels: dict[str, pd.DataFrame], sample: pd.DataFrame) -> tuple[list, list[str]]:
@@ -193,7 +205,8 @@ def find_duplicates(index: pd.DataFrame, hashes: list[str]) -> dict:
 
 def print_report(report: dict) -> None:
     c = report["counts"]
-    print(f"data: train {c['train']} (unlabeled {report['unlabeled_train']}), val {c['val']}, test {c['test']}")
+    left_out = f"; {report['unlabeled_left_out']} more left out by data.unlabeled_limit" if report.get("unlabeled_left_out") else ""
+    print(f"data: train {c['train']} (unlabeled {report['unlabeled_train']}{left_out}), val {c['val']}, test {c['test']}")
     kind = "integer" if all(isinstance(c, int) for c in report["classes"]) else "named"
     print(f"{len(report['classes'])} {kind} classes; labeled per class: {report['labeled_per_class']}")
     print(f"modes {report['modes']}  sizes {report['sizes']}  converted {report['converted']}  "

@@ -48,7 +48,12 @@ def validate(cfg: Config) -> None:
         OBJECTIVES.get(name).check_config(s)
         if weight <= 0:
             raise UserError(f"ssl.objectives.{name}: weight must be positive, got {weight}")
-    for key in ("epochs", "batch_size", "proj_dim", "proj_hidden", "dino_out_dim", "embed_batch_size",
+    if s.epochs < 0:
+        raise UserError(f"ssl.epochs: must be >= 0 (0: embed with the encoder as loaded), got {s.epochs}")
+    if s.epochs == 0 and not (cfg.backbone.pretrained or cfg.backbone.allow_download):
+        raise UserError("ssl.epochs: 0 embeds with the encoder as loaded, which needs pretrained weights "
+                        "(backbone.pretrained); a random encoder's embeddings carry no information")
+    for key in ("batch_size", "proj_dim", "proj_hidden", "dino_out_dim", "embed_batch_size",
                 "checkpoint_every", "probe_every", "probe_k", "log_every", "lr_find_steps"):
         if getattr(s, key) <= 0:
             raise UserError(f"ssl.{key}: must be positive, got {getattr(s, key)}")
@@ -74,8 +79,9 @@ def validate(cfg: Config) -> None:
         raise UserError(f"ssl.view_size: must be in 0..data.image_size ({cfg.data.image_size}; 0: image size), "
                         f"got {s.view_size}")
     augment_path(cfg, torch.device("cpu"))
-    if cfg.backbone.pretrained and not Path(cfg.backbone.pretrained).is_file():
-        raise UserError(f"{cfg.backbone.pretrained}: backbone.pretrained weights not found")
+    if cfg.backbone.pretrained:  # a weights file, or an installed weight source of backbone.name (loads nothing)
+        from src.models.weights import check_spec
+        check_spec(cfg.backbone.pretrained, cfg.backbone.name)
 
 
 class Eager(nn.Module):
@@ -137,7 +143,8 @@ class SSLRun:
 
     def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
         return embed(Eager(self.encoder), images, self.device, self.cfg.ssl.embed_batch_size,
-                     self.cfg.run.precision, channels_last=self.channels_last, progress=progress)
+                     self.cfg.run.precision, flip_tta=self.cfg.ssl.embed_flip, channels_last=self.channels_last,
+                     cpu_bf16=self.cpu_bf16, progress=progress)
 
 
 RANKME_IMAGES = 2048  # unlabeled images whose embeddings give the label-free RankMe signal
