@@ -24,9 +24,9 @@ import numpy as np
 
 from src.heads import HEADS, Head
 from src.neighbors import knn_graph, knn_search
-from src.transductive import LabelPropagation, Preprocess, l2_normalize, sinkhorn_balance, softmax
-from src.transductive.methods import (SINKHORN_ITERS, SINKHORN_TOL, knn_kernel, laplacian_shot, pt_map,
-                                      pt_map_assign, rectify_prototypes, squared_distances, tim_gd, tim_logits)
+from src.transductive import LabelPropagation, Preprocess, sinkhorn_balance, softmax
+from src.transductive.methods import (SINKHORN_ITERS, SINKHORN_TOL, centred_cosine, knn_kernel, laplacian_shot,
+                                      pt_map, pt_map_assign, rectify_prototypes, squared_distances, tim_gd, tim_logits)
 
 
 def balance(probs: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -152,16 +152,19 @@ class TIM(TransductiveHead):
 @HEADS.register("bd_cspn")
 class BDCSPN(TransductiveHead):
     """BD-CSPN (Liu et al. 2020): prototypes rectified with the shifted, pseudo-labeled queries;
-    softmax(protonet_temperature * cos) to them (``heads.bdcspn_epsilon`` weighs the rows)."""
+    softmax(protonet_temperature * cos) to them (``heads.bdcspn_epsilon`` weighs the rows). With
+    heads.balanced_prior the cosines are measured from the mean of the transductive set, so that
+    the Sinkhorn-balanced posteriors are balanced decisions (methods.centred_cosine)."""
 
     name = "bd_cspn"
 
     def _transduce(self, fs, y, w, fq):
         self.protos = rectify_prototypes(fs, y, fq, self.n_classes, w, self.cfg.bdcspn_epsilon, self.cfg.balanced_prior)
+        self.centre = fq.mean(0, keepdims=True) if self.cfg.balanced_prior and len(fq) else None  # (1, D)
         return self._inductive(fq)
 
     def _inductive(self, f):
-        logits = self.cfg.protonet_temperature * (l2_normalize(f) @ l2_normalize(self.protos).T)
+        logits = self.cfg.protonet_temperature * centred_cosine(f, self.protos, self.centre)  # (N, C)
         return softmax(logits, self.present)
 
 

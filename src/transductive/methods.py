@@ -16,6 +16,8 @@ products plus O(Q C) work.
   Learning"): queries shifted by the support-query mean difference (cross-class bias), labeled by
   their nearest prototype, and each prototype becomes the exp(eps cos)-weighted mean of its support
   and query rows (intra-class bias). As in easyfsl, every query takes part (not only the top-Z).
+  Under the balanced prior the pseudo-labels (and the head's posteriors) come from centred cosines
+  (:func:`centred_cosine`): see there why.
 * :func:`laplacian_shot` - LaplacianShot (Ziko et al. 2020, "Laplacian Regularized Few-Shot
   Learning"): assignments minimise sum a_iq y_iq - lambda sum_ij w_ij y_i . y_j + entropy over the
   kNN graph of the queries by the paper's bound updates Y <- softmax(-a + lambda W Y), a = squared
@@ -113,31 +115,92 @@ def tim_weight_grad(W: np.ndarray, fs: np.ndarray, fq: np.ndarray, g_s: np.ndarr
     return temperature * (gf - g_sum[:, None] * W)
 
 
+def centred_cosine(x: np.ndarray, protos: np.ndarray, centre: np.ndarray | None = None) -> np.ndarray:
+    """(N, C) cos(x - centre, protos - centre) for rows x (N, D), prototypes (C, D), centre (1, D) or
+    None (plain cosine).
+
+    Why the balanced prior needs the centre: pooled post-ReLU features share one large direction
+    (mean pairwise cosine ~0.9 after L2N), so each row's cosines to the C prototypes differ by a few
+    hundredths and softmax(10 cos) is nearly uniform (mean top probability 0.15 for 10 classes on
+    CIFAR-10 test images as pooled pixels). Sinkhorn then equalises the class masses of nearly flat
+    rows with small per-class offsets that do not equalise the argmax counts: there the coefficient
+    of variation of the predicted class sizes was 0.55 balanced against 0.42 unbalanced, on a
+    balanced test set. Measured from the centre of the rows the cosines spread out, the posteriors
+    are sharp enough for balanced soft masses to mean balanced decisions (0.05)."""
+    return cosines(x, protos, centre)[1 if centre is not None else 0]
+
+
+def cosines(x: np.ndarray, protos: np.ndarray, centre: np.ndarray | None = None,
+            shift: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """For the rows r = x + shift (x (N, D), shift (1, D) or None): (plain cos(r, protos), centred
+    cos(r - centre, protos - centre) or None), each (N, C) float32. One (N, D) x (D, C + 2) product
+    and the squared norms of x: no (N, D) temporary (r, r - centre or normalised rows). Expanded:
+    (r - c).(p - c) = r.(p - c) - c.(p - c), r.p = r.(p - c) + r.c, |r - c|^2 = |r|^2 - 2 r.c + c.c,
+    with r.v = x.v + shift.v and |r|^2 = |x|^2 + 2 x.shift + shift.shift. The product takes p - c,
+    not p, so that the small centred dot products are not differences of large ones."""
+    x = np.asarray(x, np.float32)
+    protos = np.asarray(protos, np.float32)
+    n_classes = len(protos)
+    tiny = np.float32(1e-12)
+    c = None if centre is None else np.asarray(centre, np.float32).reshape(1, -1)
+    base = protos if c is None else protos - c  # (C, D)
+    extra = [v for v in (c, None if shift is None else np.asarray(shift, np.float32).reshape(1, -1)) if v is not None]
+    rows = np.concatenate([base, *extra])  # (C + k, D): p (or p - c), then c, then shift
+    dots = x @ rows.T  # (N, C + k) x.v
+    r_sq = np.einsum("ij,ij->i", x, x)  # (N,) |x|^2, then |r|^2
+    if shift is not None:
+        s = rows[-1]
+        dots[:, :-1] += rows[:-1] @ s  # r.v = x.v + shift.v
+        r_sq += 2 * dots[:, -1] + s @ s
+    r_norm = np.maximum(np.sqrt(r_sq), tiny)[:, None]  # (N, 1) |r|
+    p_norm = np.maximum(np.sqrt((protos * protos).sum(1)), tiny)[None, :]  # (1, C) |p|
+    if c is None:
+        return dots[:, :n_classes] / (r_norm * p_norm), None
+    r_c = dots[:, n_classes:n_classes + 1]  # (N, 1) r.c
+    plain = (dots[:, :n_classes] + r_c) / (r_norm * p_norm)
+    num = dots[:, :n_classes] - (base @ c[0])[None, :]  # (N, C) (r - c).(p - c)
+    rc_norm = np.sqrt(np.maximum(r_sq[:, None] - 2 * r_c + (c * c).sum(), 0))  # (N, 1) |r - c|
+    pc_norm = np.sqrt((base * base).sum(1))[None, :]  # (1, C) |p - c|
+    return plain, num / (np.maximum(rc_norm, tiny) * np.maximum(pc_norm, tiny))
+
+
 def rectify_prototypes(fs: np.ndarray, ys: np.ndarray, fq: np.ndarray, n_classes: int,
                        weight: np.ndarray | None = None, eps: float = 10.0, balanced: bool = False) -> np.ndarray:
-    """BD-CSPN prototype rectification (Liu et al. 2020). fs (S, D), fq (Q, D) L2-normalised.
-    Queries are shifted by mean(fs) - mean(fq), pseudo-labeled by their most similar prototype
-    (with `balanced`: the argmax of the Sinkhorn-balanced softmax(eps cos)), and each prototype is
-    the sum of its rows weighted exp(eps cos(row, prototype)), normalised per class. (C, D), not
-    re-normalised (as in the paper and easyfsl)."""
+    """BD-CSPN prototype rectification (Liu et al. 2020, Sec. 3.2). fs (S, D), fq (Q, D) L2-normalised,
+    ys (S,) labels, weight (S,) support row weights.
+
+    Cross-class bias: every query moves by the shifting term xi = mean(fs) - mean(fq). Intra-class
+    bias: each shifted query takes the label of its most similar prototype, and each prototype
+    becomes the weighted mean of its support and pseudo-labeled rows X', weights
+    w_i = exp(eps cos(X'_i, P_n)) / sum_j exp(eps cos(X'_j, P_n)) over the rows of class n (the paper's
+    weighted prototype; every query takes part, as in easyfsl, rather than the top Z per class).
+
+    With `balanced` the labels are the argmax of the Sinkhorn-balanced softmax(eps cos) of the
+    cosines measured from the centre of the shifted queries, mean(fs) (:func:`centred_cosine`: on
+    uncentred features the balancing does not balance the labels). The weights keep the paper's
+    plain cosine. Returns (C, D) float32, not re-normalised (as in the paper and easyfsl)."""
     present = np.bincount(ys, minlength=n_classes) > 0
     w = np.ones(len(ys), np.float32) if weight is None else np.asarray(weight, np.float32)
-    protos = compute_prototypes(fs, ys, n_classes, w, cosine=False)  # class means
+    protos = compute_prototypes(fs, ys, n_classes, w, cosine=False)  # (C, D) class means P_n
     if not len(fq):
         return protos
-    shifted = fq + (fs.mean(0, keepdims=True) - fq.mean(0, keepdims=True))
-    cos_q = l2_normalize(shifted) @ l2_normalize(protos).T  # (Q, C)
+    centre = fs.mean(0, keepdims=True)  # (1, D): mean of the support and, after the shift, of the queries
+    xi = centre - fq.mean(0, keepdims=True)  # (1, D): the shifted queries are fq + xi (never formed)
+    # (Q, C) cos(X'_i, P_n), and with `balanced` the same measured from the centre
+    cos_q, centred = cosines(fq, protos, centre if balanced else None, shift=xi)
     if balanced:
-        label = sinkhorn_balance(softmax(eps * cos_q, present), present, iters=SINKHORN_ITERS, tol=SINKHORN_TOL)
-        label = label.argmax(1)
+        p = softmax(eps * centred, present)  # (Q, C)
+        label = sinkhorn_balance(p, present, iters=SINKHORN_ITERS, tol=SINKHORN_TOL).argmax(1)
     else:
-        label = np.where(present[None, :], cos_q, -np.inf).argmax(1)
-    cos_s = (l2_normalize(fs) @ l2_normalize(protos).T)[np.arange(len(ys)), ys]
+        label = np.where(present[None, :], cos_q, -np.inf).argmax(1)  # (Q,)
+    cos_s = (l2_normalize(fs) @ l2_normalize(protos).T)[np.arange(len(ys)), ys]  # (S,)
     # exp(eps (cos - 1)): the paper's exp(eps cos) shifted by a constant that cancels per class.
-    ws = w * np.exp(eps * (cos_s - 1.0))
-    wq = np.exp(eps * (cos_q[np.arange(len(fq)), label] - 1.0)).astype(np.float32)
-    mass = np.bincount(ys, weights=ws, minlength=n_classes) + np.bincount(label, weights=wq, minlength=n_classes)
-    sums = one_hot(ys, n_classes, ws).T @ fs + one_hot(label, n_classes, wq).T @ shifted
+    ws = w * np.exp(eps * (cos_s - 1.0))  # (S,)
+    wq = np.exp(eps * (cos_q[np.arange(len(fq)), label] - 1.0)).astype(np.float32)  # (Q,)
+    mass_q = np.bincount(label, weights=wq, minlength=n_classes)  # (C,)
+    mass = np.bincount(ys, weights=ws, minlength=n_classes) + mass_q
+    # (C, D) sum_i w_i X'_i, the query rows' as sum_i w_i fq_i + (sum_i w_i) xi
+    sums = one_hot(ys, n_classes, ws).T @ fs + one_hot(label, n_classes, wq).T @ fq + mass_q[:, None] * xi
     return (sums / np.maximum(mass, 1e-30)[:, None]).astype(np.float32)
 
 
