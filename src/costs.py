@@ -25,6 +25,7 @@ of a full-size model in a second, with no memory at all.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import weakref
@@ -37,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from src.config import Config
+from src.config import BackboneCfg, Config
 from src.runtime import sync
 
 FULL_DATA = 59_980  # images of the real competition (train + val + test)
@@ -98,12 +99,18 @@ def _tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def shapes_only(backbone: BackboneCfg) -> BackboneCfg:
+    """The backbone without its pretrained weights: counting on the meta device needs shapes, and
+    loading a weights file into meta parameters is wasted I/O (and a no-op)."""
+    return dataclasses.replace(backbone, pretrained="", allow_download=False)
+
+
 def _ssl_model(cfg: Config, device: str | torch.device = "meta"):
     from src.models.encoder import Encoder
     from src.ssl.objectives import SSLModel
 
     with torch.device(device):  # meta: parameters have shapes but no storage; init is free
-        return SSLModel(Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size), cfg.ssl)
+        return SSLModel(Encoder(shapes_only(cfg.backbone), cfg.data.image_size, cfg.data.model_input_size), cfg.ssl)
 
 
 def ssl_step_costs(cfg: Config, batch: int = 0) -> dict:
@@ -143,7 +150,7 @@ def _classifier_step_peak(cfg: Config, n_images: int, n_classes: int = 10) -> tu
     from src.models.encoder import Encoder
 
     with torch.device("meta"):
-        encoder = Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size)
+        encoder = Encoder(shapes_only(cfg.backbone), cfg.data.image_size, cfg.data.model_input_size)
         head = nn.Linear(encoder.dim, n_classes)
     memory = LiveMemory()
     size = cfg.data.image_size
@@ -159,7 +166,7 @@ def _embed_peak(cfg: Config, batch: int) -> int:
     from src.models.encoder import Encoder
 
     with torch.device("meta"):
-        encoder = Encoder(cfg.backbone, cfg.data.image_size, cfg.data.model_input_size).eval()
+        encoder = Encoder(shapes_only(cfg.backbone), cfg.data.image_size, cfg.data.model_input_size).eval()
     memory = LiveMemory()
     size = cfg.data.image_size
     with memory, torch.no_grad():

@@ -119,8 +119,8 @@ class Encoder(nn.Module):
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         scale = shift = None
         if not np.allclose(self.mean + self.std, IMAGENET_MEAN + IMAGENET_STD, rtol=0, atol=1e-6):
-            m = torch.tensor(self.mean).view(1, 3, 1, 1) * 255.0
-            s = torch.tensor(self.std).view(1, 3, 1, 1) * 255.0
+            m = torch.tensor(self.mean, device="cpu").view(1, 3, 1, 1) * 255.0  # cpu like MEAN/STD, also
+            s = torch.tensor(self.std, device="cpu").view(1, 3, 1, 1) * 255.0  # under torch.device("meta")
             scale, shift = STD / s, (MEAN - m) / s  # (p - MEAN) / STD * scale + shift == (p - m) / s
             device = next(self.net.parameters()).device
             scale, shift = scale.to(device), shift.to(device)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -150,14 +149,19 @@ class SSLRun:
 RANKME_IMAGES = 2048  # unlabeled images whose embeddings give the label-free RankMe signal
 
 
-def probe(run: SSLRun, data: CompetitionData, cfg: Config) -> dict:
+def probe(run: SSLRun, data: CompetitionData, cfg: Config, feats: np.ndarray | None = None) -> dict:
     """kNN probe (LOO on the labeled images; 5-fold on the truth file, report only) and RankMe on a
-    fixed sample of unlabeled images (label-free, usable for choices inside a run)."""
-    out = knn_probe(lambda rows: run.embed(data.images[np.sort(rows)])[np.argsort(np.argsort(rows))],
-                    data, cfg.data.truth, cfg.ssl.probe_k, cfg.run.seed)
+    fixed sample of unlabeled images (label-free, usable for choices inside a run). feats: the
+    embeddings of every image when already computed (rows are looked up, not embedded again)."""
+    def embed_rows(rows: np.ndarray) -> np.ndarray:
+        if feats is not None:
+            return feats[rows]
+        return run.embed(data.images[np.sort(rows)])[np.argsort(np.argsort(rows))]
+
+    out = knn_probe(embed_rows, data, cfg.data.truth, cfg.ssl.probe_k, cfg.run.seed)
     pool = data.unlabeled_idx
     rows = np.sort(np.random.default_rng(cfg.run.seed).choice(pool, min(RANKME_IMAGES, len(pool)), replace=False))
-    out["rankme"] = rankme(run.embed(data.images[rows]))
+    out["rankme"] = rankme(embed_rows(rows))
     return out
 
 
@@ -245,7 +249,8 @@ def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, las
                  extra={"stage": STAGE_KEY, "objectives": cfg.ssl.objectives, "epochs": cfg.ssl.epochs})
     feats = run.embed(data.images, progress=cfg.run.progress)
     io.write_npy(paths.embeddings(STAGE_KEY), feats.astype(np.float16))
-    scores = {k: v for k, v in (log[-1] if log else {}).items() if k.startswith(("knn", "rankme"))} or probe(run, data, cfg)
+    scores = ({k: v for k, v in (log[-1] if log else {}).items() if k.startswith(("knn", "rankme"))}
+              or probe(run, data, cfg, feats))
     pixels = knn_probe(lambda rows: pixel_features(data.images[np.sort(rows)])[np.argsort(np.argsort(rows))],
                        data, cfg.data.truth, cfg.ssl.probe_k, cfg.run.seed)
     summary = {"epochs": cfg.ssl.epochs, "steps_per_epoch": run.steps, "loss": log[-1]["loss"] if log else None,
