@@ -57,10 +57,10 @@ class DataCfg:
     # ImageNet-pretrained timm weights; costs (model_input_size / image_size)^2 times the FLOPs. 0: off
     model_input_size: int = 0
     skip_corrupt: bool = False  # skip (and count) undecodable images instead of failing
-    # >0: 00_prepare keeps this many unlabeled train images (a fixed random sample, seed 0); labeled and
-    # test images are always kept. Bounds the cost of encoders that embed every image (pretrained
-    # features at 224x224). 0: all
-    unlabeled_limit: int = 0
+    # >= 0: 00_prepare keeps this many unlabeled train images (a fixed random sample, seed 0; 0: none);
+    # labeled and test images are always kept. Bounds the cost of encoders that embed every image
+    # (pretrained features at 224x224). -1: all
+    unlabeled_limit: int = -1
     demo_test_size: int = 500  # digits builder: number of test images
 
 
@@ -511,8 +511,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"dedup.embedding_cosine: must be in [-1, 1], got {cfg.dedup.embedding_cosine}")
     if cfg.dedup.neighbors < 1 or cfg.dedup.report_pairs < 0:
         raise UserError("dedup.neighbors: must be >= 1 and dedup.report_pairs >= 0")
-    if cfg.data.unlabeled_limit < 0:
-        raise UserError(f"data.unlabeled_limit: must be >= 0 (0: all), got {cfg.data.unlabeled_limit}")
+    if cfg.data.unlabeled_limit < -1:
+        raise UserError(f"data.unlabeled_limit: must be >= -1 (-1: all, 0: none), got {cfg.data.unlabeled_limit}")
     if cfg.data.model_input_size < 0:
         raise UserError(f"data.model_input_size: must be >= 0 (0: off), got {cfg.data.model_input_size}")
     from src.paths import STAGE_DIRS  # late: src.paths imports this module

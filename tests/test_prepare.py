@@ -206,4 +206,9 @@ def test_unlabeled_limit_keeps_labeled_and_test_rows(comp, tmp_path, capsys):
     assert same["image_id"].tolist() == index["image_id"].tolist()
     assert prepare(comp, tmp_path, capsys, f"data.unlabeled_limit={unlabeled + 5}", "run.name=t3")[0] == 0
     assert len(pd.read_csv(tmp_path / "runs/t3/00_prepare/index.csv")) == len(before)
-    assert prepare(comp, tmp_path, capsys, "data.unlabeled_limit=-1", "run.name=t4")[1].count("\n") == 1
+    none = prepare(comp, tmp_path, capsys, "data.unlabeled_limit=0", "run.name=t4")
+    assert none[0] == 0
+    index = pd.read_csv(tmp_path / "runs/t4/00_prepare/index.csv", dtype={"image_id": str})
+    assert not ((index["split"] == "train") & (index["label"] < 0)).any() and (index["label"] >= 0).sum() == 30
+    code, err = prepare(comp, tmp_path, capsys, "data.unlabeled_limit=-2", "run.name=t5")
+    assert code == 2 and err.count("\n") == 1 and "data.unlabeled_limit: must be >= -1" in err

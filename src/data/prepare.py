@@ -147,10 +147,10 @@ def prepare(cfg: Config, paths: RunPaths) -> dict:
 
 
 def limit_unlabeled(rows: list[tuple], limit: int, seed: int = 0) -> tuple[list[tuple], int]:
-    """Keep at most `limit` unlabeled train rows (a fixed random sample, file order kept); labeled,
-    validation and test rows always stay. limit 0: all. Returns (rows, number left out)."""
+    """Keep at most `limit` unlabeled train rows (a fixed random sample, file order kept; 0: none);
+    labeled, validation and test rows always stay. limit -1: all. Returns (rows, number left out)."""
     unlabeled = [r for r, (_, split, label, _) in enumerate(rows) if split == "train" and label < 0]
-    if not limit or len(unlabeled) <= limit:
+    if limit < 0 or len(unlabeled) <= limit:
         return rows, 0
     drop = set(np.random.default_rng(seed).choice(unlabeled, len(unlabeled) - limit, replace=False).tolist())
     return [row for r, row in enumerate(rows) if r not in drop], len(drop)
