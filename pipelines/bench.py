@@ -4,7 +4,7 @@
     python pipelines/bench.py pipeline -c configs/cifar_gpu.yaml  # every stage: time, memory, views/s, CV, truth
     python pipelines/bench.py transductive -c configs/demo.yaml run.name=demo   # vs easyfsl / sklearn
     python pipelines/bench.py lightly -c configs/cifar_cpu.yaml --seconds 300   # vs lightly's SimCLR
-    python pipelines/bench.py extract -c configs/cifar_pretrained.yaml --sizes 96,160,224   # encoder images/s per engine
+    python pipelines/bench.py extract -c configs/cifar_cpu_pretrained.yaml --sizes 96,160,224   # encoder images/s per engine
 
 Each benchmark is one entry of BENCHES: "module:function", where the function takes
 (cfg, args) and the module may define add_arguments(parser) for its own options."""

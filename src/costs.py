@@ -113,6 +113,18 @@ def _ssl_model(cfg: Config, device: str | torch.device = "meta"):
         return SSLModel(Encoder(shapes_only(cfg.backbone), cfg.data.image_size, cfg.data.model_input_size), cfg.ssl)
 
 
+def embed_flops(cfg: Config) -> int:
+    """FLOPs of one image's forward pass through the encoder as it embeds (the resize to
+    data.model_input_size included), counted on the meta device."""
+    from src.models.encoder import Encoder
+
+    with torch.device("meta"):
+        encoder = Encoder(shapes_only(cfg.backbone), cfg.data.image_size, cfg.data.model_input_size).eval()
+    x = torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size, device="meta")
+    with torch.no_grad():
+        return count_flops(lambda: encoder(x))[0]
+
+
 def ssl_step_costs(cfg: Config, batch: int = 0) -> dict:
     """FLOPs and activation memory of one SSL training step (forward + backward of SSLModel over
     the global views and local crops of `batch` images, cfg.ssl.batch_size by default), counted

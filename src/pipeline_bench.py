@@ -335,6 +335,17 @@ def finish(cfg: Config, paths: RunPaths, result: dict, device, roof: bool) -> No
     from src.costs import achieved
 
     out.update(achieved(out["flops_per_view"], out["views_per_s"], (out.get("roof") or {}).get("gflops")))
+    if ssl.get("embed_passes_per_s"):  # the embedding pass: all of 01_ssl's work when ssl.epochs is 0
+        from src.costs import embed_flops
+
+        try:
+            flops = embed_flops(cfg)
+        except Exception as exc:  # noqa: BLE001 - a counting failure must not lose the measurement
+            print(f"warning: embedding FLOP count failed ({type(exc).__name__}: {exc})")
+            flops = None
+        out.update({"embed_passes_per_s": ssl["embed_passes_per_s"], "embed_seconds": ssl.get("embed_seconds"),
+                    "flops_per_embed_pass": flops,
+                    "embed_gflops": round(flops * ssl["embed_passes_per_s"] / 1e9, 1) if flops else None})
     result["skipped"] = [r["stage"] for r in result["stages"] if r.get("status") == "skipped"]
     ssl_row = next((r for r in result["stages"] if r["key"] == "ssl" and r.get("status") == "ok"), None)
     budget = cfg.bench.stage_budget_s.get("ssl")
@@ -397,8 +408,16 @@ def _summary_lines(result: dict) -> list[str]:
         if ssl.get("epochs_for_budget") is not None:
             text += f"; epochs that fit the ssl budget at this speed: {ssl['epochs_for_budget']} (ran {ssl['epochs']})"
         lines.append(text)
+    elif ssl.get("epochs") == 0:
+        lines.append("SSL: no training (ssl.epochs 0)")
     elif (result.get("ssl_costs") or {}).get("flops_per_view"):
         lines.append(f"SSL: {result['ssl_costs']['flops_per_view'] / 1e9:.3f} GFLOP per view (counted); no views/s")
+    if ssl.get("embed_passes_per_s"):
+        text = f"Embedding: {ssl['embed_passes_per_s']:,.1f} encoder passes/s ({ssl['embed_seconds']} s)"
+        if ssl.get("embed_gflops"):
+            text += (f"; {ssl['flops_per_embed_pass'] / 1e9:.3f} GFLOP per pass (counted, forward) = "
+                     f"{ssl['embed_gflops']:,.1f} GFLOP/s")
+        lines.append(text)
     sub = result.get("submission") or {}
     if sub.get("path"):
         text = f"Submission {sub['path']}"

@@ -150,10 +150,16 @@ def test_download_only_when_allowed(tmp_path, monkeypatch):
     assert calls[-1] is True
 
 
-def test_cifar_pretrained_config():
-    cfg = load_config("configs/cifar_pretrained.yaml")
-    assert cfg.backbone.pretrained.endswith(".safetensors") and not cfg.backbone.allow_download
-    assert cfg.data.model_input_size == 224 and not cfg.backbone.small_stem
+@pytest.mark.parametrize("config", ["cifar_cpu_pretrained.yaml", "cifar_gpu_pretrained.yaml"])
+def test_pretrained_configs_name_an_installed_source_at_its_native_size(config):
+    from src.models.weights import check_spec
+
+    cfg = load_config(f"configs/{config}")
+    source = WEIGHT_SOURCES.get(cfg.backbone.pretrained)
+    assert cfg.data.model_input_size == source.resolution and not cfg.backbone.small_stem
+    assert not cfg.backbone.allow_download and cfg.ssl.embed_flip
+    if installed(cfg.backbone.pretrained):
+        assert check_spec(cfg.backbone.pretrained, cfg.backbone.name) is source
 
 
 LITE = BackboneCfg(name="tf_efficientnet_lite0", small_stem=False)

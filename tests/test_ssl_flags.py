@@ -124,6 +124,8 @@ def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(comp, tmp_path, cap
     np.testing.assert_allclose(written, flipped, atol=2e-3)  # float16 on disk
     assert np.abs(written - plain).max() > 1e-2  # the mirror changed them
     assert not (stage / "log.jsonl").exists() or not io.read_jsonl(stage / "log.jsonl")
+    summary = io.read_json(stage / "_done.json")["summary"]
+    assert summary["epochs"] == 0 and summary["embed_passes_per_s"] > 0 and summary["embed_seconds"] > 0
 
 
 def test_zero_epochs_without_weights_is_a_config_error():

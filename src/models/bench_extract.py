@@ -1,6 +1,6 @@
 """`python pipelines/bench.py extract -c CONFIG`: feature-extraction throughput of the config's encoder.
 
-    python pipelines/bench.py extract -c configs/cifar_pretrained.yaml backbone.name=tf_efficientnet_lite0 \\
+    python pipelines/bench.py extract -c configs/cifar_cpu_pretrained.yaml \\
         --sizes 96,128,160,192,224 --batches 8,16,32,64 --seconds 3
 
 The encoder is ``Encoder(cfg.backbone, cfg.data.image_size, size)`` for each input size of --sizes

@@ -247,7 +247,10 @@ def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, las
     log = io.read_jsonl(paths.log(STAGE_KEY))
     save_encoder(run.encoder, paths.encoder(STAGE_KEY), paths.encoder_spec(STAGE_KEY),
                  extra={"stage": STAGE_KEY, "objectives": cfg.ssl.objectives, "epochs": cfg.ssl.epochs})
+    sync(run.device)
+    t0 = time.perf_counter()
     feats = run.embed(data.images, progress=cfg.run.progress)
+    embed_seconds = time.perf_counter() - t0
     io.write_npy(paths.embeddings(STAGE_KEY), feats.astype(np.float16))
     scores = ({k: v for k, v in (log[-1] if log else {}).items() if k.startswith(("knn", "rankme"))}
               or probe(run, data, cfg, feats))
@@ -257,6 +260,8 @@ def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, las
                "augment": augment_path(cfg, run.device), "processes": dist_info().world,
                "train_seconds": round(sum(r["seconds"] for r in log), 1),
                "views_per_s": log[-1]["views_per_s"] if log else None, "embedding_dim": int(feats.shape[1]),
+               "embed_seconds": round(embed_seconds, 1),  # encoder passes (x2 with ssl.embed_flip) per second:
+               "embed_passes_per_s": round(len(data.images) * (1 + cfg.ssl.embed_flip) / embed_seconds, 1),
                **{k: round(v, 4) for k, v in scores.items()},
                **{f"pixels_{k}": round(v, 4) for k, v in pixels.items()}}
     print("ssl: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k.startswith(("knn", "rankme", "pixels", "loss"))))
