@@ -130,6 +130,11 @@ class SSLCfg:
     max_steps_per_epoch: int = 0  # >0: cap (smoke tests / scale checks)
     embed_batch_size: int = 1024  # images per forward pass when embedding (small for large model inputs: cache)
     embed_flip: bool = False  # the written embeddings average each image's features with its mirror's
+    # CPU engine of the final embedding passes: torch | onnxruntime (the encoder exported to ONNX once, run
+    # in fp32). EfficientNet-Lite0 at 224x224, 2 cores: ONNX Runtime at batch 64 ran 3.3x the images/s of
+    # the best eager PyTorch fp32 setting (channels_last, batch 16) and 1.6x its bf16 autocast on AMX
+    # (docs/RESULTS.md, "Feature extraction engines"). Ignored on CUDA.
+    embed_engine: str = "torch"
     min_lr_ratio: float = 0.0  # cosine schedule ends at lr * min_lr_ratio
     dino_bottleneck: int = 256  # DINO head bottleneck before the prototypes
     local_crop_size: int = 16  # multi-crop (dino, simclr): side of local crops in pixels (ViTs use image_size)

@@ -77,6 +77,10 @@ class RunPaths:
     def encoder_spec(self, stage: str) -> Path:
         return self.stage(stage) / "encoder.json"
 
+    def onnx_encoder(self, stage: str) -> Path:
+        """The encoder exported to ONNX for the CPU embedding engine (ssl.embed_engine: onnxruntime)."""
+        return self.stage(stage) / "encoder.onnx"
+
     def embeddings(self, stage: str) -> Path:
         return self.stage(stage) / "embeddings.npy"
 

@@ -96,9 +96,12 @@ def test_ssl_step_under_cpu_bf16_trains_fp32_weights():
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(comp, tmp_path, capsys):
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(engine, comp, tmp_path, capsys):
     """ssl.epochs=0: no step runs; 01_ssl writes the loaded encoder unchanged and its embeddings
-    (ssl.embed_flip: mean of each image's and its mirror's features)."""
+    (ssl.embed_flip: mean of each image's and its mirror's features), with either CPU engine."""
+    if engine == "onnxruntime":
+        pytest.importorskip("onnxruntime")
     from conftest import run_script
     from src import io
     from src.config import BackboneCfg
@@ -110,7 +113,8 @@ def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(comp, tmp_path, cap
     io.save_tensors(weights, source.net.state_dict())
     args = [f"run.root={tmp_path / 'runs'}", "run.name=z", "run.device=cpu", "run.progress=false",
             f"data.path={comp}", "backbone.width=4", "backbone.stem_width=8", f"backbone.pretrained={weights}",
-            "ssl.epochs=0", "ssl.embed_flip=true", "ssl.batch_size=16", "ssl.proj_hidden=16", "ssl.proj_dim=8"]
+            "ssl.epochs=0", "ssl.embed_flip=true", "ssl.batch_size=16", "ssl.proj_hidden=16", "ssl.proj_dim=8",
+            f"ssl.embed_engine={engine}"]
     assert run_script("00_prepare.py", *args, capsys=capsys)[0] == 0
     assert run_script("01_ssl.py", *args, capsys=capsys)[0] == 0
     stage = tmp_path / "runs/z/01_ssl"
@@ -124,6 +128,7 @@ def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(comp, tmp_path, cap
     np.testing.assert_allclose(written, flipped, atol=2e-3)  # float16 on disk
     assert np.abs(written - plain).max() > 1e-2  # the mirror changed them
     assert not (stage / "log.jsonl").exists() or not io.read_jsonl(stage / "log.jsonl")
+    assert (stage / "encoder.onnx").exists() == (engine == "onnxruntime")
     summary = io.read_json(stage / "_done.json")["summary"]
     assert summary["epochs"] == 0 and summary["embed_passes_per_s"] > 0 and summary["embed_seconds"] > 0
 
@@ -133,3 +138,5 @@ def test_zero_epochs_without_weights_is_a_config_error():
         validate(_cfg("ssl.epochs=0"))
     with pytest.raises(UserError, match="ssl.epochs: must be >= 0"):
         validate(_cfg("ssl.epochs=-1"))
+    with pytest.raises(UserError, match="ssl.embed_engine: expected torch or onnxruntime"):
+        validate(_cfg("ssl.embed_engine=tensorrt"))

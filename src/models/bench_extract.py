@@ -52,6 +52,7 @@ from src.config import Config
 from src.costs import count_flops
 from src.errors import UserError
 from src.models.encoder import Encoder, to_input
+from src.models.onnx_engine import cpu_session, export_onnx, short_error
 from src.paths import RunPaths
 from src.runtime import cpu_has_native_bf16, machine_info, resolve_device, seed_everything, sync
 
@@ -179,33 +180,6 @@ def _cached(cache: dict, key: Any, make: Callable[[], Any]) -> Any:
     return value
 
 
-def export_onnx(model: nn.Module, image_size: int, path: Path) -> dict:
-    """ONNX file of `model` for (batch, 3, image_size, image_size) float32 input, batch axis dynamic.
-    torch's dynamo exporter at its own opset; the TorchScript exporter at opset 17 if that fails."""
-    t0 = time.perf_counter()
-    example = torch.randn(2, 3, image_size, image_size, device=next(model.parameters()).device)
-    names = {"input_names": ["images"], "output_names": ["features"]}
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            torch.onnx.export(model, (example,), str(path), dynamo=True, verbose=False,
-                              dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
-            exporter = "dynamo"
-        except Exception as first:  # noqa: BLE001 - fall back to the TorchScript exporter
-            try:
-                torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=17,
-                                  dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}}, **names)
-                exporter = "torchscript"
-            except Exception as second:  # noqa: BLE001
-                raise RuntimeError(f"ONNX export failed: dynamo: {_short(first)}; "
-                                   f"torchscript: {_short(second)}") from None
-    import onnx
-
-    imports = onnx.load(str(path), load_external_data=False).opset_import
-    opset = max((o.version for o in imports if o.domain in ("", "ai.onnx")), default=0)
-    return {"path": path, "exporter": exporter, "opset": opset, "seconds": time.perf_counter() - t0}
-
-
 def make_runner(engine: str, model: nn.Module, x: torch.Tensor, cache: dict, tmp: Path) -> Runner:
     """`engine` ready to run `model` on the normalised NCHW batch `x`; `cache` holds what is shared
     between the batches of one size (the channels_last copy, the compiled module, the ONNX file...)."""
@@ -235,16 +209,10 @@ def make_runner(engine: str, model: nn.Module, x: torch.Tensor, cache: dict, tmp
     threads = torch.get_num_threads()
     note = f"{onnx_file['exporter']} exporter, opset {onnx_file['opset']}"
     if engine == "onnxruntime":
-        import onnxruntime as ort
 
         def session() -> tuple[Any, float]:
             t0 = time.perf_counter()
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            sess = ort.InferenceSession(str(onnx_file["path"]), options, providers=["CPUExecutionProvider"])
-            return sess, time.perf_counter() - t0
+            return cpu_session(onnx_file["path"], threads), time.perf_counter() - t0
 
         sess, session_s = _cached(cache, "ort", session)
         feed = {sess.get_inputs()[0].name: xn}
@@ -272,11 +240,6 @@ def make_runner(engine: str, model: nn.Module, x: torch.Tensor, cache: dict, tmp
 
     return Runner(infer, lambda: np.array(infer()), setup_s=onnx_file["seconds"] + time.perf_counter() - t0,
                   precision=actual, note=note)
-
-
-def _short(exc: BaseException, limit: int = 200) -> str:
-    text = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-    return text[:limit]
 
 
 def bench_extract(cfg: Config, args: argparse.Namespace) -> dict:
@@ -349,7 +312,7 @@ def _measure(engine: str, model: nn.Module, x: torch.Tensor, reference: np.ndarr
             row["max_abs_diff"] = float(np.abs(np.asarray(runner.output(), np.float32) - reference).max())
             n, seconds = time_batches(runner.step, x.device, args.seconds, args.warmup)
     except Exception as exc:  # noqa: BLE001 - one engine failing (no compiler, export) must not stop the others
-        row["status"] = f"error: {_short(exc)}"
+        row["status"] = f"error: {short_error(exc)}"
         return row
     ips = n * batch / seconds
     row.update({"images_per_s": ips, "gflops": flops * ips / 1e9, "ms_per_batch": 1000 * seconds / n,

@@ -25,7 +25,7 @@ from src import io
 from src.config import Config
 from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
-from src.models.encoder import Encoder, embed, save_encoder
+from src.models.encoder import Encoder, embed, save_encoder, unwrap
 from src.paths import RunPaths
 from src.probe import knn_probe, pixel_features, rankme, truth_rows
 from src.runtime import autocast, resolve_cpu_bf16, resolve_device, sync, use_channels_last
@@ -66,6 +66,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"ssl.crop_scale_min: must be in (0, 1], got {s.crop_scale_min}")
     if len(s.local_crop_scale) != 2 or not 0 < s.local_crop_scale[0] <= s.local_crop_scale[1] <= 1:
         raise UserError(f"ssl.local_crop_scale: expected [min, max] within (0, 1], got {s.local_crop_scale}")
+    if s.embed_engine not in ("torch", "onnxruntime"):
+        raise UserError(f"ssl.embed_engine: expected torch or onnxruntime, got '{s.embed_engine}'")
     if s.cpu_precision not in ("auto", "bf16", "fp32"):
         raise UserError(f"ssl.cpu_precision: expected auto, bf16 or fp32, got '{s.cpu_precision}'")
     if s.optimizer not in ("sgd", "adamw", "lars"):
@@ -117,6 +119,8 @@ class SSLRun:
         self.optimizer = build_optimizer(cfg.ssl.optimizer, param_groups(self.model, cfg.ssl.weight_decay),
                                          self.base_lr, cfg.ssl.momentum, device, "ssl.optimizer")
         self.net: nn.Module = self.model  # what the step calls: the model, or its DDP wrapper
+        self.onnx_path = None  # set when the weights are final: embeddings may then use ONNX Runtime
+        self._onnx = None
 
     def wrap(self) -> None:
         """torch.compile (optional) and DDP; call after loading a checkpoint into self.model."""
@@ -141,9 +145,22 @@ class SSLRun:
         return loss.detach().float(), {k: v.detach().float() for k, v in parts.items()}
 
     def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
-        return embed(Eager(self.encoder), images, self.device, self.cfg.ssl.embed_batch_size,
+        return embed(self.embedder(), images, self.device, self.cfg.ssl.embed_batch_size,
                      self.cfg.run.precision, flip_tta=self.cfg.ssl.embed_flip, channels_last=self.channels_last,
                      cpu_bf16=self.cpu_bf16, progress=progress)
+
+
+    def embedder(self) -> nn.Module:
+        """What runs the embedding passes: the encoder (eager), or with ssl.embed_engine=onnxruntime on
+        the CPU its ONNX export (made once, from the current weights, when the weights no longer change:
+        with ssl.epochs 0, or for the final embeddings, which embed() of a finished run computes)."""
+        if self.cfg.ssl.embed_engine == "onnxruntime" and self.device.type == "cpu" and self.onnx_path is not None:
+            if self._onnx is None:
+                from src.models.onnx_engine import OnnxRuntimeEncoder
+
+                self._onnx = OnnxRuntimeEncoder(unwrap(self.encoder), self.cfg.data.image_size, self.onnx_path)
+            return self._onnx
+        return Eager(self.encoder)
 
 
 RANKME_IMAGES = 2048  # unlabeled images whose embeddings give the label-free RankMe signal
@@ -247,6 +264,7 @@ def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, las
     log = io.read_jsonl(paths.log(STAGE_KEY))
     save_encoder(run.encoder, paths.encoder(STAGE_KEY), paths.encoder_spec(STAGE_KEY),
                  extra={"stage": STAGE_KEY, "objectives": cfg.ssl.objectives, "epochs": cfg.ssl.epochs})
+    run.onnx_path = paths.onnx_encoder(STAGE_KEY)  # the weights are final (ssl.embed_engine=onnxruntime)
     sync(run.device)
     t0 = time.perf_counter()
     feats = run.embed(data.images, progress=cfg.run.progress)
