@@ -149,7 +149,6 @@ class SSLRun:
                      self.cfg.run.precision, flip_tta=self.cfg.ssl.embed_flip, channels_last=self.channels_last,
                      cpu_bf16=self.cpu_bf16, progress=progress)
 
-
     def embedder(self) -> nn.Module:
         """What runs the embedding passes: the encoder (eager), or with ssl.embed_engine=onnxruntime on
         the CPU its ONNX export (made once, from the current weights, when the weights no longer change:
