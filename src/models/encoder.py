@@ -36,7 +36,7 @@ from tqdm import tqdm
 from src import io
 from src.config import BackboneCfg
 from src.errors import UserError
-from src.models.weights import check_spec, read_weights, resolve  # noqa: F401 - read_weights: re-exported
+from src.models.weights import read_weights, resolve  # noqa: F401 - read_weights: re-exported
 from src.registry import Registry
 from src.runtime import autocast
 
@@ -103,8 +103,7 @@ class Encoder(nn.Module):
         if cfg.small_stem:
             adapt_small_stem(self.net)
         if cfg.pretrained:
-            check_spec(cfg.pretrained, cfg.name)  # a file, or an installed source of this architecture
-            state, _ = resolve(cfg.pretrained)  # timm names
+            state, _ = resolve(cfg.pretrained, cfg.name)  # a file, or an installed source of this architecture
             load_pretrained(self.net, state, cfg.pretrained, cfg.name, cfg.small_stem)
         self.cfg = cfg
         self.image_size = image_size

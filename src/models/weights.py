@@ -86,10 +86,11 @@ def check_spec(spec: str, backbone: str = "", key: str = "backbone.pretrained",
     return WEIGHT_SOURCES.get(spec)
 
 
-def resolve(spec: str, key: str = "backbone.pretrained") -> tuple[dict[str, torch.Tensor], str | None]:
+def resolve(spec: str, backbone: str = "", key: str = "backbone.pretrained") -> tuple[dict[str, torch.Tensor], str | None]:
     """A timm-named state dict for a backbone.pretrained value, plus the timm model of the source
-    (None for a file, whose tensors are used as they are)."""
-    source = check_spec(spec, key=key)
+    (None for a file, whose tensors are used as they are). `backbone`: the timm model it must fit
+    (a source of another architecture is a UserError)."""
+    source = check_spec(spec, backbone, key=key)
     if source is None:
         return read_weights(Path(spec)), None
     return source_state(spec), source.model
