@@ -113,6 +113,14 @@ def _ssl_model(cfg: Config, device: str | torch.device = "meta"):
         return SSLModel(Encoder(shapes_only(cfg.backbone), cfg.data.image_size, cfg.data.model_input_size), cfg.ssl)
 
 
+def flops_per_image(model: nn.Module, image_size: int, device: str | torch.device = "meta") -> int:
+    """Counted FLOPs of one forward of one image_size x image_size image (count_flops: convolutions
+    and matrix products; a resize inside the model and elementwise ops count 0)."""
+    x = torch.zeros(1, 3, image_size, image_size, device=device)
+    with torch.inference_mode():
+        return count_flops(lambda: model(x))[0]
+
+
 def embed_flops(cfg: Config) -> int:
     """FLOPs of one image's forward pass through the encoder as it embeds (the resize to
     data.model_input_size included), counted on the meta device."""
@@ -120,9 +128,7 @@ def embed_flops(cfg: Config) -> int:
 
     with torch.device("meta"):
         encoder = Encoder(shapes_only(cfg.backbone), cfg.data.image_size, cfg.data.model_input_size).eval()
-    x = torch.empty(1, 3, cfg.data.image_size, cfg.data.image_size, device="meta")
-    with torch.no_grad():
-        return count_flops(lambda: encoder(x))[0]
+    return flops_per_image(encoder, cfg.data.image_size)
 
 
 def ssl_step_costs(cfg: Config, batch: int = 0) -> dict:

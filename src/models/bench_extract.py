@@ -49,7 +49,7 @@ from torch import nn
 
 from src import io
 from src.config import Config
-from src.costs import count_flops
+from src.costs import flops_per_image, shapes_only
 from src.errors import UserError
 from src.models.encoder import Encoder, to_input
 from src.models.onnx_engine import cpu_session, export_onnx, short_error
@@ -124,16 +124,7 @@ def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
 def build_encoder(cfg: Config, size: int, device: torch.device) -> nn.Module:
     """The config's encoder at input side `size`, random weights (same seed), frozen, eval mode."""
     seed_everything(cfg.run.seed)
-    backbone = dataclasses.replace(cfg.backbone, pretrained="", allow_download=False)
-    return Encoder(backbone, cfg.data.image_size, size).to(device).eval().requires_grad_(False)
-
-
-def flops_per_image(model: nn.Module, image_size: int, device: torch.device) -> int:
-    """Counted FLOPs of one forward of one image at the model's input size (src.costs.count_flops:
-    convolutions and matrix products; the bilinear resize and elementwise ops count 0)."""
-    x = torch.zeros(1, 3, image_size, image_size, device=device)
-    with torch.inference_mode():
-        return count_flops(lambda: model(x))[0]
+    return Encoder(shapes_only(cfg.backbone), cfg.data.image_size, size).to(device).eval().requires_grad_(False)
 
 
 def time_batches(step: Callable[[], Any], device: torch.device, seconds: float, warmup: int = 2) -> tuple[int, float]:
