@@ -1,6 +1,7 @@
 """Print the local CV table of a run from its 05_heads outputs (and 06_submit's ensembles if run):
-leave-one-out accuracy [Wilson 95%], support re-draws, episodic estimate (biased), and the
-public-truth accuracy beside each row when data.truth is set (scoring only).
+the accuracy estimate of cv.estimator [95%] (src/estimate.py: the test images and the labels
+together), leave-one-out accuracy [Wilson 95%], support re-draws, episodic estimate (biased), and
+the public-truth accuracy beside each row when data.truth is set (scoring only).
 
     python pipelines/cv.py -c configs/demo.yaml"""
 import _bootstrap  # noqa: F401
@@ -24,11 +25,11 @@ def main(cfg) -> None:
         for name, r in io.read_json(ensemble)["rows"].items():
             if name not in rows:
                 d = r.get("redraw")
-                rows[name] = {"loo": r, "test_accuracy": r.get("test_accuracy"),
+                rows[name] = {"loo": r, "test_accuracy": r.get("test_accuracy"), "estimates": r.get("estimates"),
                               "redraws": {d["shot"]: d} if d else {}}
     print(f"run {cfg.run.name}: embeddings from {report['embeddings']}, {report['n_labeled']} labeled images, "
           f"{report['n_pseudo_support']} pseudo-labeled support images")
-    print(format_cv_table(rows, report.get("truth", "") or cfg.data.truth))
+    print(format_cv_table(rows, report.get("truth", "") or cfg.data.truth, cfg.cv.estimator))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,15 @@ against truth. Prints and writes runs/<run>/redraw/table.md and results.json.
     python pipelines/00_prepare.py -c configs/demo.yaml && python pipelines/01_ssl.py -c configs/demo.yaml
     python pipelines/redraw.py -c configs/demo.yaml --draws 30
     python pipelines/redraw.py -c configs/demo.yaml --members protonet,knn,pseudo_propagation --rules mean,agreement
+    python pipelines/redraw.py -c configs/demo.yaml --draws 20 --encoder-seeds 0,1,2   # + the encoder's variance
+    python pipelines/redraw.py -c configs/cifar_cpu_pretrained.yaml --pool test --labels TRUTH.csv --draws 20
+
+--encoder-seeds trains one encoder per seed (00_prepare and 01_ssl of run <name>-seed<s>, skipped when
+up to date; the run's own seed reuses the run) and draws the same supports on each. --pool test draws
+the supports from the test images whose label --labels gives and scores the other labeled test images
+(a competition with no labels beyond its support). Every accuracy estimator (src/estimate.py) is
+scored beside the members and rules: mean and worst |estimate - truth|, interval coverage, rank
+correlation across members.
 
 Members: heads of src.heads.HEADS by name, and pseudo_<labeler> (one 02_pseudo labeler alone);
 default: heads.heads + pseudo_propagation. Rules: src.ensemble.RULES, each also as <rule>+propagate;
@@ -14,11 +23,19 @@ import _bootstrap  # noqa: F401
 
 from src.cli import config_parser, guarded
 from src.config import load_config
+from src.errors import UserError
 from src.selection import run_redraws
 
 
 def _names(text):
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _seeds(text):
+    try:
+        return [int(t) for t in _names(text)] if text else None
+    except ValueError:
+        raise UserError(f"--encoder-seeds: expected comma-separated integers, got '{text}'") from None
 
 
 if __name__ == "__main__":
@@ -29,6 +46,10 @@ if __name__ == "__main__":
     parser.add_argument("--rules", default="", help="comma-separated rules (default: every rule, with and without +propagate)")
     parser.add_argument("--labels", default="", help="image_id,label CSV of every image (default: the data builder's)")
     parser.add_argument("--fresh", action="store_true", help="recompute the cached member outputs")
+    parser.add_argument("--encoder-seeds", default="", help="comma-separated run seeds, one encoder each (default: the run's)")
+    parser.add_argument("--pool", default="train", choices=["train", "test"],
+                        help="supports from the non-test (default) or the labeled test images")
     args = parser.parse_args()
     guarded(lambda: run_redraws(load_config(args.config, args.overrides), args.draws, _names(args.members),
-                                _names(args.rules), seed=args.seed, labels_csv=args.labels, fresh=args.fresh) and None)
+                                _names(args.rules), seed=args.seed, labels_csv=args.labels, fresh=args.fresh,
+                                encoder_seeds=_seeds(args.encoder_seeds), pool_split=args.pool) and None)

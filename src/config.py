@@ -135,6 +135,12 @@ class SSLCfg:
     # the best eager PyTorch fp32 setting (channels_last, batch 16) and 1.6x its bf16 autocast on AMX
     # (docs/RESULTS.md, "Feature extraction engines"). Ignored on CUDA.
     embed_engine: str = "torch"
+    # frozen pretrained encoders whose embeddings are appended to the main encoder's: installed weight sources
+    # (src/models/weights.py, e.g. [efficientnet_lite2]), each at its native resolution with the embedding
+    # settings above. Each block is L2-normalised, then the whole row (equal weight per encoder). The saved
+    # encoder computes the main block only: needs pseudo.rounds 0, metric and meta in run.skip_stages and no
+    # heads.finetune_encoder.
+    extra_encoders: list[str] = field(default_factory=list)
     min_lr_ratio: float = 0.0  # cosine schedule ends at lr * min_lr_ratio
     dino_bottleneck: int = 256  # DINO head bottleneck before the prototypes
     local_crop_size: int = 16  # multi-crop (dino, simclr): side of local crops in pixels (ViTs use image_size)
@@ -290,17 +296,22 @@ class CVCfg:
     encoder_max_fits: int = 20  # heads that fine-tune the encoder: cap on redraws and episodes each
     stack_folds: int = 5  # group folds of the out-of-fold features the stacker trains on
     stack_max_pseudo: int = 3000  # pseudo-labeled rows (class-balanced sample) in the stacker's table
+    # the accuracy estimate printed beside LOO by 05_heads, 06_submit and pipelines/cv.py, and read by the
+    # "estimated" rule (src/estimate.py; every estimator is written to the reports): blend (the mean of
+    # atc, atc_ne, doc and temperature: the steadiest on the re-draw tables of docs/RESULTS.md) | loo |
+    # confidence | doc | atc | atc_ne | temperature | dawid_skene
+    estimator: str = "blend"
 
 
 @dataclass
 class EnsembleCfg:
     # Rule submitted (src/ensemble.py RULES): mean | weighted | rank | stack | best (max LOO) | shrunk |
     # agreement | transductive | preferred | preferred_mean | top (one-SE set) | gated | auto (best local CV
-    # among auto_candidates). Chosen on the re-draw evaluation (pipelines/redraw.py, README, docs/RESULTS.md):
-    # on the 40-draw digits tables of encoders trained 20 and 40 SSL epochs, agreement (label-free
-    # Dawid-Skene-style member weights) passes both bars on both (smallest margin +0.3 points), as do rank
-    # (+0.6), mean, shrunk, gated and preferred_mean; agreement keeps calibrated probabilities (rank's
-    # log-loss is 4x), and `preferred` (propagation alone, the earlier default) fails both tables.
+    # among auto_candidates) | estimated (highest cv.estimator estimate). Chosen on the re-draw evaluation
+    # (pipelines/redraw.py, README, docs/RESULTS.md): on digits, 3 encoder seeds x 20 support draws,
+    # agreement (label-free Dawid-Skene-style member weights) passes both bars, as do rank, mean, shrunk,
+    # gated, preferred; agreement keeps calibrated probabilities (rank's are normalised ranks), while picking
+    # one member by an estimate (best, estimated) or weighting by the 30 labels (weighted, stack) fails.
     method: str = "agreement"
     members: list[str] = field(default_factory=list)  # empty: every member of the stages in `sources`
     sources: list[str] = field(default_factory=lambda: ["heads", "meta"])  # heads (05_heads) | meta (04_meta)

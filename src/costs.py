@@ -123,12 +123,18 @@ def flops_per_image(model: nn.Module, image_size: int, device: str | torch.devic
 
 def embed_flops(cfg: Config) -> int:
     """FLOPs of one image's forward pass through the encoder as it embeds (the resize to
-    data.model_input_size included), counted on the meta device."""
-    from src.models.encoder import Encoder
+    data.model_input_size included), counted on the meta device. With ssl.extra_encoders: the mean
+    over the main encoder and each extra one (at the extra's native resolution); every encoder makes
+    the same number of passes, so this mean x passes per second is the FLOP/s of the embedding."""
+    from src.models.encoder import Encoder, source_backbone
 
-    with torch.device("meta"):
-        encoder = Encoder(shapes_only(cfg.backbone), cfg.data.image_size, cfg.data.model_input_size).eval()
-    return flops_per_image(encoder, cfg.data.image_size)
+    encoders = [(cfg.backbone, cfg.data.model_input_size)] + [source_backbone(n) for n in cfg.ssl.extra_encoders]
+    flops = []
+    for backbone, input_size in encoders:
+        with torch.device("meta"):
+            encoder = Encoder(shapes_only(backbone), cfg.data.image_size, input_size).eval()
+        flops.append(flops_per_image(encoder, cfg.data.image_size))
+    return round(sum(flops) / len(flops))
 
 
 def ssl_step_costs(cfg: Config, batch: int = 0) -> dict:

@@ -169,20 +169,26 @@ def _fmt_mean(entry: dict | None) -> str:
     return f"{entry['mean']:.3f}±{entry['std']:.3f}"
 
 
-def format_cv_table(rows: dict[str, dict], truth_name: str = "") -> str:
+def format_cv_table(rows: dict[str, dict], truth_name: str = "", estimator: str = "") -> str:
     """rows: name -> {"loo": cv_summary, "loo_labeled_only": cv_summary|None, "redraws": {...},
-    "episodic": {...}, "test_accuracy": float|None}. One line per head: LOO accuracy [Wilson 95%]
-    (and without pseudo-labels when a head uses them), redraw mean±std per shot, the (biased)
-    episodic estimate, and the public-truth accuracy beside them when a truth file is configured."""
+    "episodic": {...}, "estimates": {estimator: {"estimate", "interval"}}, "test_accuracy": float|None}.
+    One line per head: the `estimator`'s accuracy estimate [95%] (src/estimate.py) where the rows
+    have it, LOO accuracy [Wilson 95%] (and without pseudo-labels when a head uses them), redraw
+    mean±std per shot, the (biased) episodic estimate, and the public-truth accuracy beside them
+    when a truth file is configured."""
     shots = sorted({k for r in rows.values() for k in (r.get("redraws") or {})}, key=lambda s: int(s.split("-")[0]))
     plain = any(r.get("loo_labeled_only") for r in rows.values())
-    header = ["head", "LOO acc [95% CI]", *(["LOO labeled-only**"] if plain else []),
+    est = bool(estimator) and any(estimator in (r.get("estimates") or {}) for r in rows.values())
+    header = ["head", *([f"estimate ({estimator})"] if est else []), "LOO acc [95% CI]",
+              *(["LOO labeled-only**"] if plain else []),
               *[f"redraw {s}" for s in shots], "episodic* (biased)"]
     if truth_name:
         header.append("test acc (truth)")
     table = [header]
     for name, r in rows.items():
-        line = [name, _fmt_acc(r.get("loo")), *([_fmt_acc(r.get("loo_labeled_only"))] if plain else []),
+        e = (r.get("estimates") or {}).get(estimator)
+        line = [name, *([_fmt_acc(e and {"accuracy": e["estimate"], "interval": e["interval"]})] if est else []),
+                _fmt_acc(r.get("loo")), *([_fmt_acc(r.get("loo_labeled_only"))] if plain else []),
                 *[_fmt_mean((r.get("redraws") or {}).get(s)) for s in shots], _fmt_mean(r.get("episodic"))]
         if truth_name:
             acc = r.get("test_accuracy")

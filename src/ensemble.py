@@ -237,10 +237,12 @@ class RuleParams:
     stacker_lr: float = 0.05
     stacker_leaves: int = 7
     seed: int = 0
+    estimator: str = "atc"  # cv.estimator: the accuracy estimate the "estimated" rule ranks members by
 
     @classmethod
-    def from_config(cls, e, seed: int = 0) -> "RuleParams":
-        return cls(**{f.name: getattr(e, f.name) for f in fields(cls) if f.name != "seed"}, seed=seed)
+    def from_config(cls, e, seed: int = 0, estimator: str = "atc") -> "RuleParams":
+        return cls(**{f.name: getattr(e, f.name) for f in fields(cls) if f.name not in ("seed", "estimator")},
+                   seed=seed, estimator=estimator)
 
 
 RULES: dict[str, Callable[[Members, RuleParams], Combined]] = {}
@@ -299,6 +301,26 @@ def rule_best(m: Members, p: RuleParams) -> Combined:
     best = min(range(len(m.names)), key=lambda k: (*_score_key(m.oof[k], m.y), k))
     w = np.eye(len(m.names))[best]
     return Combined(nested_choice(m.oof, m.y), m.probs[best], w, f"best member on local CV: {m.names[best]}")
+
+
+@rule("estimated")
+def rule_estimated(m: Members, p: RuleParams) -> Combined:
+    """The single member with the highest accuracy estimate (src/estimate.py, p.estimator), which
+    reads the test images as well as the labeled ones; CV nested: row i's member is the one ranked
+    first with row i left out of the labeled rows."""
+    from src.estimate import ESTIMATORS, EstimateContext
+
+    estimator = ESTIMATORS.get(p.estimator)
+
+    def ranked_first(rows: np.ndarray) -> int:
+        ctx = EstimateContext(list(m.probs), [o[rows] for o in m.oof], m.y[rows], intervals=False)
+        values = [estimator(m.probs[k], m.oof[k][rows], ctx).value for k in range(len(m.names))]
+        return int(np.argmax(values))  # ties: the earlier member
+
+    best = ranked_first(np.arange(len(m.y)))
+    oof = np.stack([m.oof[ranked_first(np.flatnonzero(np.arange(len(m.y)) != i))][i] for i in range(len(m.y))])
+    return Combined(oof.astype(np.float32), m.probs[best], np.eye(len(m.names))[best],
+                    f"highest {p.estimator} estimate: {m.names[best]}")
 
 
 def shrink_weights(oof: list[np.ndarray], y: np.ndarray, rounds: int) -> tuple[np.ndarray, float]:

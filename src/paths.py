@@ -77,9 +77,10 @@ class RunPaths:
     def encoder_spec(self, stage: str) -> Path:
         return self.stage(stage) / "encoder.json"
 
-    def onnx_encoder(self, stage: str) -> Path:
-        """The encoder exported to ONNX for the CPU embedding engine (ssl.embed_engine: onnxruntime)."""
-        return self.stage(stage) / "encoder.onnx"
+    def onnx_encoder(self, stage: str, name: str = "") -> Path:
+        """The encoder exported to ONNX for the CPU embedding engine (ssl.embed_engine: onnxruntime);
+        name: an extra encoder of ssl.extra_encoders (encoder-<name>.onnx)."""
+        return self.stage(stage) / (f"encoder-{name}.onnx" if name else "encoder.onnx")
 
     def embeddings(self, stage: str) -> Path:
         return self.stage(stage) / "embeddings.npy"

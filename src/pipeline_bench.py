@@ -13,7 +13,7 @@ Each numbered stage script runs in its own child process (``python pipelines/NN_
 * SSL: augmented views/s of the last epoch (01_ssl summary) x FLOPs per view (counted with
   FlopCounterMode on the meta device, src.costs) = achieved GFLOP/s, and its share of the matmul
   roof measured at the end (n x n fp32 torch.mm on CPU, bf16 on CUDA);
-* at the end: the submission's local CV (its sidecar) and its public-truth accuracy, scored from
+* at the end: the submission's accuracy estimate and LOO (its sidecar) and its public-truth accuracy, scored from
   the CSV with src.submission.score when data.truth is set.
 
 With bench.ssl_probe_steps > 0 the SSL epochs are fitted to the time budget before 01_ssl runs:
@@ -199,8 +199,10 @@ def _submission(cfg: Config, paths: RunPaths) -> dict:
     if sidecar.exists():
         side = io.read_json(sidecar)
         ens = side.get("ensemble_cv") or {}
+        est = ens.get("estimate") or {}
         out.update({"method": side.get("method"), "local_cv": ens.get("accuracy"), "local_cv_interval": ens.get("interval"),
-                    "local_cv_n": ens.get("n")})
+                    "local_cv_n": ens.get("n"), "estimate": est.get("estimate"),
+                    "estimate_interval": est.get("interval"), "estimator": ens.get("estimator")})
     if cfg.data.truth and Path(cfg.data.truth).exists():
         result = score(sub, cfg.data.truth)
         out.update({"truth_file": cfg.data.truth, "truth_accuracy": result["accuracy"], "truth_n": result["n"]})
@@ -335,7 +337,9 @@ def finish(cfg: Config, paths: RunPaths, result: dict, device, roof: bool) -> No
     from src.costs import achieved
 
     out.update(achieved(out["flops_per_view"], out["views_per_s"], (out.get("roof") or {}).get("gflops")))
-    if ssl.get("embed_passes_per_s"):  # the embedding pass: all of 01_ssl's work when ssl.epochs is 0
+    # the embedding passes: all of 01_ssl's work when ssl.epochs is 0. FLOPs per pass: the mean over the
+    # main encoder and ssl.extra_encoders (embed_passes_per_s counts the passes of all of them)
+    if ssl.get("embed_passes_per_s"):
         from src.costs import embed_flops
 
         try:
@@ -423,9 +427,13 @@ def _summary_lines(result: dict) -> list[str]:
         text = f"Submission {sub['path']}"
         if sub.get("method"):
             text += f" (ensemble:{sub['method']})"
+        if sub.get("estimate") is not None:
+            lo, hi = sub.get("estimate_interval") or [float("nan")] * 2
+            text += f": estimated accuracy {sub['estimate']:.3f} [{lo:.2f}, {hi:.2f}] ({sub.get('estimator')})"
         if sub.get("local_cv") is not None:
             lo, hi = sub.get("local_cv_interval") or [float("nan")] * 2
-            text += f": local CV {sub['local_cv']:.3f} [{lo:.2f}, {hi:.2f}] (n = {sub.get('local_cv_n')})"
+            text += (", LOO" if sub.get("estimate") is not None else ": local CV")
+            text += f" {sub['local_cv']:.3f} [{lo:.2f}, {hi:.2f}] (n = {sub.get('local_cv_n')})"
         if sub.get("truth_accuracy") is not None:
             text += f"; public-truth accuracy **{sub['truth_accuracy']:.4f}** ({sub['truth_n']:,} images of {sub['truth_file']})"
         lines.append(text)

@@ -69,6 +69,8 @@ def known_labels(cfg: Config, data: CompetitionData, labels_csv: str = "") -> np
     by_id = dict(zip(frame["image_id"], frame["label"]))
     out = np.array([lookup.get(by_id.get(i, None), -1) for i in data.index["image_id"]], np.int64)
     known = data.labeled_idx
+    unlisted = known[out[known] < 0]  # a labels file of test images only: the competition's labels stand
+    out[unlisted] = data.class_ids[unlisted]
     if (out[known] != data.class_ids[known]).any():
         bad = data.index["image_id"].iloc[known[out[known] != data.class_ids[known]][0]]
         raise UserError(f"{where}: label of '{bad}' differs from the competition's (not built by this builder?)")
@@ -108,6 +110,9 @@ def relabel(data: CompetitionData, support: np.ndarray, labels: np.ndarray) -> C
     values = np.full(len(index), -1, np.int64)
     values[support] = data.classes[labels[support]]
     index["label"] = values
+    split = index["split"].to_numpy().copy()
+    split[support[split[support] == "test"]] = "train"  # a labeled test image is support, not scored
+    index["split"] = split
     return CompetitionData(images=data.images, index=index)
 
 
@@ -190,11 +195,22 @@ def apply_rules(members: Members, rules: list[str], params: RuleParams) -> dict[
     return out
 
 
-def score_draw(members: Members, combined: dict[str, dict], truth: np.ndarray) -> dict:
-    """Per member and rule: test accuracy against `truth` (T,) and local CV (LOO) with its Wilson interval."""
+def score_draw(members: Members, combined: dict[str, dict], truth: np.ndarray,
+               estimators: list[str] | None = None) -> dict:
+    """Per member and rule: test accuracy against `truth` (T,) (rows of -1: not scored), local CV (LOO)
+    with its Wilson interval, and every accuracy estimator of src/estimate.py (which sees the members
+    and the labeled images, never `truth`)."""
+    from src.estimate import ESTIMATORS, EstimateContext, estimate_all
+
+    truth = np.asarray(truth)
+    known = truth >= 0
+    ctx = EstimateContext(list(members.probs), list(members.oof), members.y)
+    names = estimators if estimators is not None else ESTIMATORS.names()
+
     def one(test, oof):
         cv = cv_summary(oof, members.y)
-        return {"truth": float((test.argmax(1) == truth).mean()), "cv": cv["accuracy"], "cv_interval": cv["interval"]}
+        return {"truth": float((np.asarray(test)[known].argmax(1) == truth[known]).mean()), "cv": cv["accuracy"],
+                "cv_interval": cv["interval"], "estimates": estimate_all(test, oof, ctx, names)}
 
     rec = {"members": {n: one(p, o) for n, p, o in zip(members.names, members.probs, members.oof)},
            "rules": {r: {**one(c["test"], c["oof"]), "weights": c["weights"], "note": c["note"]}
@@ -243,7 +259,43 @@ def aggregate(draws: list[dict], default: str = "") -> dict:
         s["passes"] = bool(s["mean"] >= refs["best_fixed_member"]["mean"] - 0.005
                            and s["worst"] >= refs["mean_member"]["worst"])
         out_rules[r] = s
-    return {"n_draws": len(draws), "members": members, "rules": out_rules, "references": refs, "default": default}
+    return {"n_draws": len(draws), "members": members, "rules": out_rules, "references": refs, "default": default,
+            "estimators": estimator_stats(draws, default)}
+
+
+def estimator_stats(draws: list[dict], default: str = "") -> dict:
+    """Per accuracy estimator, over every draw: on members and rules together, the mean and worst
+    |estimate - truth|, the mean signed error (bias) and how often the interval held the truth
+    (coverage); the same on the default rule alone; and the Spearman rank correlation with truth
+    across the members of a draw (mean and worst over draws)."""
+    from scipy.stats import spearmanr
+
+    first = draws[0]["members"][next(iter(draws[0]["members"]))]
+    out = {}
+    for e in first.get("estimates", {}):
+        err, hit, rule_err, rule_hit, rhos = [], [], [], [], []
+        for d in draws:
+            for kind in ("members", "rules"):
+                for name, r in d[kind].items():
+                    v = r["estimates"][e]
+                    err.append(v["estimate"] - r["truth"])
+                    hit.append(v["interval"][0] <= r["truth"] <= v["interval"][1])
+                    if kind == "rules" and name == default:
+                        rule_err.append(err[-1])
+                        rule_hit.append(hit[-1])
+            est = [r["estimates"][e]["estimate"] for r in d["members"].values()]
+            tru = [r["truth"] for r in d["members"].values()]
+            if len(est) > 2 and np.ptp(est) > 0 and np.ptp(tru) > 0:
+                rhos.append(float(spearmanr(est, tru).statistic))
+        err, rule_err = np.asarray(err), np.asarray(rule_err)
+        out[e] = {"mean_abs": float(np.abs(err).mean()), "worst_abs": float(np.abs(err).max()),
+                  "bias": float(err.mean()), "coverage": float(np.mean(hit)),
+                  "rank_corr_mean": float(np.mean(rhos)) if rhos else None,
+                  "rank_corr_worst": float(np.min(rhos)) if rhos else None,
+                  "default_rule": None if not len(rule_err) else {
+                      "mean_abs": float(np.abs(rule_err).mean()), "worst_abs": float(np.abs(rule_err).max()),
+                      "bias": float(rule_err.mean()), "coverage": float(np.mean(rule_hit))}}
+    return out
 
 
 def format_markdown(agg: dict, title: str = "") -> str:
@@ -276,6 +328,17 @@ def format_markdown(agg: dict, title: str = "") -> str:
         lines.append(f"| member {n} | {pct(s['mean'])} | {pct(s['std'])} | {pct(s['worst'])} | "
                      f"{pct(s['cv_mean'])} ± {pct(s['cv_std'])} | ± {pct(s['cv_halfwidth'])} | "
                      f"{100 * s['cv_minus_truth']:+.1f} | | |")
+    est = agg.get("estimators") or {}
+    if est:
+        lines += ["", "| estimator | mean abs error | worst | bias | 95% interval coverage | rank corr. across members "
+                  f"(mean / worst) | on {default or 'the default rule'}: mean abs / worst / coverage |",
+                  "|" + " --- |" * 7]
+        for e, v in sorted(est.items(), key=lambda kv: kv[1]["mean_abs"]):
+            rc = "-" if v["rank_corr_mean"] is None else f"{v['rank_corr_mean']:.2f} / {v['rank_corr_worst']:.2f}"
+            dr = v.get("default_rule")
+            dtext = "-" if not dr else f"{pct(dr['mean_abs'])} / {pct(dr['worst_abs'])} / {100 * dr['coverage']:.0f} %"
+            lines.append(f"| {e} | {pct(v['mean_abs'])} | {pct(v['worst_abs'])} | {100 * v['bias']:+.1f} | "
+                         f"{100 * v['coverage']:.0f} % | {rc} | {dtext} |")
     lines += ["", f"{agg['n_draws']} support draws; accuracies in %; passes: mean ≥ best fixed member's mean − 0.5 and "
               "worst ≥ mean member's worst. Local CV: leave-one-out over the draw's 30 labeled images (nested where "
               "the rule reads labels); its std is over draws, the Wilson ± is the mean half-width of one draw's "
@@ -286,12 +349,17 @@ def format_markdown(agg: dict, title: str = "") -> str:
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
-def _fingerprint(cfg: Config, paths: RunPaths, n_per_class: int, seed: int) -> str:
+def _fingerprint(cfg: Config, paths: RunPaths, n_per_class: int, seed: int, pool_split: str = "train") -> str:
     from src.runtime import git_commit
 
+    import dataclasses
+
     ssl = io.read_json(paths.done_marker("ssl"))["fingerprint"]
-    blob = json.dumps({"sections": cfg.section_hash("data", "pseudo", "heads", "cv"), "seed": cfg.run.seed,
-                       "draw_seed": seed, "per_class": n_per_class, "ssl": ssl, "code": git_commit()}, sort_keys=True)
+    sections = {s: dataclasses.asdict(getattr(cfg, s)) for s in ("data", "pseudo", "heads", "cv")}
+    sections["cv"].pop("estimator")  # what is reported, not how members are computed
+    blob = json.dumps({"sections": sections, "seed": cfg.run.seed,
+                       "draw_seed": seed, "per_class": n_per_class, "ssl": ssl, "code": git_commit(),
+                       **({"pool": pool_split} if pool_split != "train" else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -306,19 +374,48 @@ def _load(path: Path) -> dict[str, np.ndarray]:
 TABLE_COLUMNS = ("row", "y", "weight", "group", "fold", "labeled")
 
 
+def encoder_configs(cfg: Config, seeds: list[int] | None) -> list[Config]:
+    """One config per encoder seed: run.seed = s and, for a seed other than the run's own, run.name =
+    <name>-seed<s> (its own 00_prepare and 01_ssl outputs). None or []: the run's own encoder only."""
+    import copy
+
+    out = []
+    for s in seeds or [cfg.run.seed]:
+        c = copy.deepcopy(cfg)
+        if s != cfg.run.seed:
+            c.run.seed, c.run.name = int(s), f"{cfg.run.name}-seed{s}"
+        out.append(c)
+    if len({c.run.seed for c in out}) != len(out):
+        raise UserError(f"--encoder-seeds: a seed is listed twice ({','.join(str(c.run.seed) for c in out)})")
+    return out
+
+
+def train_encoder(cfg: Config) -> None:
+    """00_prepare and 01_ssl of `cfg` (each skipped when its outputs are up to date)."""
+    from src.stages import get_stage, run_stage
+
+    for key in ("prepare", "ssl"):
+        run_stage(get_stage(key), cfg)
+
+
 def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None, rules: list[str] | None = None,
                 default: str = "", seed: int = 0, labels_csv: str = "", n_train: int = 2, n_val: int = 1,
-                fresh: bool = False) -> dict:
-    """Draw supports, compute (or load) every member per draw, apply every rule, score against truth,
-    aggregate; writes results.json and table.md under paths.redraw_dir. Returns the aggregate."""
-    from threadpoolctl import threadpool_limits
+                fresh: bool = False, encoder_seeds: list[int] | None = None, pool_split: str = "train") -> dict:
+    """Draw supports, compute (or load) every member per draw, apply every rule, score members, rules
+    and accuracy estimators against truth, aggregate; writes results.json and table.md under
+    paths.redraw_dir of `cfg`'s run. Returns the aggregate.
 
-    from src.runtime import resolve_device
+    encoder_seeds: train one encoder per seed (encoder_configs; 00_prepare and 01_ssl run where their
+    outputs are missing) and draw the same supports on each, so the table holds the encoder's
+    variance as well as the support's. pool_split: where supports come from: "train" (the non-test
+    images of known label: never a scored image) or "test" (test images of known label: each draw's
+    support leaves the scored set; for a competition whose only labels beyond the support are test ones)."""
+    from threadpoolctl import threadpool_limits
 
     paths = RunPaths(cfg)
     members = list(members or cfg.heads.heads)
     check_members(members)
-    params = RuleParams.from_config(cfg.ensemble, cfg.run.seed)
+    params = RuleParams.from_config(cfg.ensemble, cfg.run.seed, cfg.cv.estimator)
     if not rules:  # every rule that can run on these members
         trans, pref = any(is_transductive(n) for n in members), any(n in members for n in params.preferred)
         rules = [r for r in RULES if (r != "transductive" or trans) and (r not in PREFERRED_RULES or pref)]
@@ -328,6 +425,42 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     default = default or cfg.ensemble.method
     if n_draws < 1:
         raise UserError(f"--draws: must be >= 1, got {n_draws}")
+    if pool_split not in ("train", "test"):
+        raise UserError(f"--pool: expected train or test, got '{pool_split}'")
+    cfgs = encoder_configs(cfg, encoder_seeds)
+    records, t0 = [], time.perf_counter()
+    with threadpool_limits(1):
+        for c in cfgs:
+            if len(cfgs) > 1:
+                with threadpool_limits(None):
+                    train_encoder(c)
+            for rec in encoder_records(c, n_draws, members, rules, params, seed, labels_csv, n_train, n_val,
+                                       fresh, pool_split, t0):
+                records.append(rec | {"encoder_seed": c.run.seed})
+    agg = aggregate(records, default)
+    agg |= {"members_list": members, "rules_list": rules, "seed": seed, "support_per_class": [n_train, n_val],
+            "encoder_seeds": [c.run.seed for c in cfgs], "encoder_runs": [c.run.name for c in cfgs],
+            "draws_per_encoder": n_draws, "pool_split": pool_split, "run": cfg.run.name,
+            "seconds": round(time.perf_counter() - t0, 1),
+            "not_redrawn": ["SSL embeddings (label-free, shared by every draw of one encoder seed)", "02_pseudo "
+                            "self-training rounds (round 0 only)", "03_metric embeddings (heads read the SSL "
+                            "embeddings)", "04_meta methods (not members)"]}
+    io.write_json(paths.redraw_dir / "results.json", {"aggregate": agg, "draws": records})
+    title = (f"Re-draw evaluation: run {cfg.run.name}, {len(cfgs)} encoder seed(s) x {n_draws} draws, "
+             f"draw seed {seed}, supports from the {pool_split} images")
+    md = format_markdown(agg, title)
+    io.write_text(paths.redraw_dir / "table.md", md + "\n")
+    print(md)
+    print(f"written: {paths.redraw_dir / 'results.json'}, {paths.redraw_dir / 'table.md'}")
+    return agg
+
+
+def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[str], params: RuleParams, seed: int,
+                    labels_csv: str, n_train: int, n_val: int, fresh: bool, pool_split: str, t0: float):
+    """Scored records of every draw on the SSL embeddings of `cfg`'s run (one encoder)."""
+    from src.runtime import resolve_device
+
+    paths = RunPaths(cfg)
     for f in (paths.done_marker("ssl"), paths.embeddings("ssl")):
         if not f.exists():
             raise UserError(f"{f}: not found (run pipelines/00_prepare.py and 01_ssl.py first)")
@@ -337,58 +470,54 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     if emb.ndim != 2 or len(emb) != len(data.index):
         raise UserError(f"{paths.embeddings('ssl')}: shape {emb.shape}, expected ({len(data.index)}, D)")
     test = data.test_idx
-    truth = labels[test]
-    if (truth < 0).any():
-        raise UserError(f"re-draws: {int((truth < 0).sum())} test images have no known label")
-    pool = np.setdiff1d(np.flatnonzero(labels >= 0), test)  # never a scored image in a support
+    known = labels >= 0
+    if not known[test].any():
+        raise UserError("re-draws: no test image has a known label")
+    if pool_split == "train":
+        if not known[test].all():
+            raise UserError(f"re-draws: {int((~known[test]).sum())} test images have no known label "
+                            "(--pool test draws supports from the labeled test images and scores the rest)")
+        pool = np.setdiff1d(np.flatnonzero(known), test)  # never a scored image in a support
+    else:
+        pool = test[known[test]]
     supports = draw_supports(pool, labels[pool], data.n_classes, n_train + n_val, n_draws, seed)
+    from src.heads import l2_normalize, loads_saved_encoder
+
     device = resolve_device(cfg.run.device)
     encoder = None
-    if cfg.heads.finetune_encoder and "cosine_finetune" in members:
+    if loads_saved_encoder(cfg.heads, members):
         from src.models.encoder import load_encoder
 
         encoder = load_encoder(paths.encoder("ssl"), paths.encoder_spec("ssl"), device)
-    cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed)
+    cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed, pool_split)
     if fresh and cache.exists():
         import shutil
 
         shutil.rmtree(cache)
-    print(f"re-draws: {n_draws} supports of {n_train}+{n_val} per class from {len(pool)} non-test images; "
-          f"{len(test)} scored test images; members {', '.join(members)}; rules {', '.join(rules)}")
-    from src.heads import l2_normalize
+    print(f"re-draws on run {cfg.run.name} (encoder seed {cfg.run.seed}): {n_draws} supports of {n_train}+{n_val} "
+          f"per class from {len(pool)} {pool_split} images of known label; members {', '.join(members)}; "
+          f"rules {', '.join(rules)}")
     from src.transductive import TransductiveContext
 
     context = TransductiveContext(l2_normalize(emb), device)  # the kNN graph is label-free: built once
-    records, t0 = [], time.perf_counter()
-    with threadpool_limits(1):
-        for d in tqdm(range(n_draws), desc="draws", disable=not cfg.run.progress):
-            m = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder, cache / f"draw_{d:03d}", context)
-            rec = score_draw(m, apply_rules(m, rules, params), truth)
-            rec |= {"draw": d, "support": supports[d].tolist()}
-            records.append(rec)
-            if not cfg.run.progress:
-                best = max(rec["members"], key=lambda n: rec["members"][n]["truth"])
-                print(f"  draw {d}: best member {best} {rec['members'][best]['truth']:.3f}; "
-                      + ", ".join(f"{r} {rec['rules'][r]['truth']:.3f}" for r in rules) + f"  ({time.perf_counter() - t0:.0f}s)")
-    agg = aggregate(records, default)
-    agg |= {"members_list": members, "rules_list": rules, "seed": seed, "support_per_class": [n_train, n_val],
-            "pool_size": int(len(pool)), "n_test": int(len(test)), "run": cfg.run.name,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "not_redrawn": ["SSL embeddings (label-free, shared by every draw)", "02_pseudo self-training rounds "
-                            "(round 0 only)", "03_metric embeddings (heads read the SSL embeddings)",
-                            "04_meta methods (not members)"]}
-    io.write_json(paths.redraw_dir / "results.json", {"aggregate": agg, "draws": records})
-    md = format_markdown(agg, f"Re-draw evaluation: run {cfg.run.name}, {n_draws} draws, seed {seed}")
-    io.write_text(paths.redraw_dir / "table.md", md + "\n")
-    print(md)
-    print(f"written: {paths.redraw_dir / 'results.json'}, {paths.redraw_dir / 'table.md'}")
-    return agg
+    for d in tqdm(range(n_draws), desc="draws", disable=not cfg.run.progress):
+        m, scored = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder,
+                                 cache / f"draw_{d:03d}", context)
+        rec = score_draw(m, apply_rules(m, rules, params), labels[scored])
+        rec |= {"draw": d, "support": supports[d].tolist(), "n_scored": int((labels[scored] >= 0).sum())}
+        if not cfg.run.progress:
+            best = max(rec["members"], key=lambda n: rec["members"][n]["truth"])
+            print(f"  draw {d}: best member {best} {rec['members'][best]['truth']:.3f}; "
+                  + ", ".join(f"{r} {rec['rules'][r]['truth']:.3f}" for r in rules)
+                  + f"  ({time.perf_counter() - t0:.0f}s)")
+        yield rec
 
 
 def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np.ndarray, support: np.ndarray,
-                 names: list[str], device, encoder, cache: Path, context=None) -> Members:
-    """Members of one draw, from the cache where present. Only support rows' labels are passed on.
-    context: the transductive heads' TransductiveContext (label-free: one for every draw) or None."""
+                 names: list[str], device, encoder, cache: Path, context=None) -> tuple[Members, np.ndarray]:
+    """Members of one draw, from the cache where present, and the rows (T,) their test probabilities
+    score. Only support rows' labels are passed on. context: the transductive heads'
+    TransductiveContext (label-free: one for every draw) or None."""
     data_d = relabel(data, support, labels)
     inp = DrawInputs(cfg, data_d, emb, device, encoder, context=context)
     table = None
@@ -412,4 +541,4 @@ def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np
     y = data_d.class_ids[data_d.labeled_idx]
     return Members(names=list(names), oof=[outs[n]["oof"] for n in names], probs=[outs[n]["probs"] for n in names],
                    y=y, transductive=[is_transductive(n) for n in names],
-                   stack=[outs[n].get("stack") for n in names], table=table)
+                   stack=[outs[n].get("stack") for n in names], table=table), data_d.test_idx

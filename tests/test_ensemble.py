@@ -204,13 +204,29 @@ def test_rules_read_no_truth():
     the arguments: no array a rule receives equals the truth)."""
     m, truth = members_case(seed=4)
     p = RuleParams(auto_candidates=["mean", "weighted", "rank"], preferred=["m0"])
-    names = ["mean", "weighted", "rank", "best", "shrunk", "agreement", "transductive", "top", "gated", "auto"]
+    names = ["mean", "weighted", "rank", "best", "shrunk", "agreement", "transductive", "top", "gated", "auto",
+             "estimated"]
     first = apply_rules(names, m, p)
     again = apply_rules(names, m, p)  # deterministic
     for n in names:
         np.testing.assert_array_equal(first[n].test, again[n].test)
     received = [m.y, *m.oof, *m.probs]
     assert not any(a.shape == truth.shape and (a == truth).all() for a in received)
+
+
+def test_estimated_rule_takes_the_member_with_the_highest_estimate_and_nests_its_cv():
+    m, _ = members_case(seed=3)
+    out = RULES["estimated"](m, RuleParams(estimator="loo"))
+    np.testing.assert_array_equal(out.test, m.probs[0])  # the most accurate member has the highest LOO
+    assert out.weights.tolist() == [1.0, 0.0, 0.0] and "m0" in out.note
+    # nested: row i's choice is made without row i (LOO: the best member on the other rows)
+    np.testing.assert_allclose(out.oof, nested_choice_by_accuracy(m.oof, m.y), atol=1e-6)
+
+
+def nested_choice_by_accuracy(oof, y):
+    rows = np.arange(len(y))
+    pick = [int(np.argmax([(o[rows != i].argmax(1) == y[rows != i]).mean() for o in oof])) for i in rows]
+    return np.stack([oof[k][i] for i, k in enumerate(pick)])
 
 
 def oof_correct_on(y, n_correct, c):

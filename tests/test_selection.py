@@ -10,6 +10,7 @@ from conftest import run_script
 from src import io, selection
 from src.data.digits import digits_layout
 from src.errors import UserError
+from src.estimate import ESTIMATORS
 from test_report import make_run, truth_comp  # noqa: F401  (fixture)
 
 DIGITS = ["data.builder=digits", "data.demo_test_size=200"]  # how conftest's digits folder was built
@@ -121,10 +122,10 @@ def test_redraws_never_show_truth_to_members_or_rules(redraw_run, monkeypatch):
 
     outputs = []
 
-    def score_spy(members, combined, truth):
+    def score_spy(members, combined, truth, *args, **kwargs):
         outputs.append({r: c["test"].copy() for r, c in combined.items()}
                        | {m: p.copy() for m, p in zip(members.names, members.probs)})
-        return real_score(members, combined, truth)
+        return real_score(members, combined, truth, *args, **kwargs)
 
     monkeypatch.setattr(selection, "member_outputs", member_spy)
     monkeypatch.setattr(selection, "score_draw", score_spy)
@@ -157,6 +158,12 @@ def test_redraws_never_show_truth_to_members_or_rules(redraw_run, monkeypatch):
             np.testing.assert_array_equal(a[key], b[key])
     assert agg2["rules"]["mean"]["mean"] != agg["rules"]["mean"]["mean"]
     assert agg2["rules"]["mean"]["cv_mean"] == agg["rules"]["mean"]["cv_mean"]  # local CV reads no truth
+    draws2 = io.read_json(paths.redraw_dir / "results.json")["draws"]
+    for d1, d2 in zip(results["draws"], draws2):  # neither do the accuracy estimators
+        for kind in ("members", "rules"):
+            for name in d1[kind]:
+                assert d1[kind][name]["estimates"] == d2[kind][name]["estimates"], (kind, name)
+    assert set(agg["estimators"]) == set(ESTIMATORS.names())
 
 
 def test_redraw_cache_and_cli(redraw_run, capsys):
@@ -180,3 +187,51 @@ def test_redraw_cache_and_cli(redraw_run, capsys):
                           (["data.builder="], "only the digits builder knows them")):
         code, err = run_script("redraw.py", *overrides, *args, capsys=capsys)
         assert code == 2 and message in err, err
+
+
+def test_encoder_configs_seed_bookkeeping(redraw_run):
+    cfg, _, _ = redraw_run
+    own = cfg.run.seed
+    cfgs = selection.encoder_configs(cfg, [own, own + 1, own + 2])
+    assert [c.run.seed for c in cfgs] == [own, own + 1, own + 2]
+    assert [c.run.name for c in cfgs] == [cfg.run.name, f"{cfg.run.name}-seed{own + 1}", f"{cfg.run.name}-seed{own + 2}"]
+    assert cfg.run.name == cfgs[0].run.name and cfg.run.seed == own  # the caller's config is untouched
+    assert [c.run.name for c in selection.encoder_configs(cfg, None)] == [cfg.run.name]
+    with pytest.raises(UserError, match="--encoder-seeds: a seed is listed twice"):
+        selection.encoder_configs(cfg, [1, 1])
+
+
+def test_redraws_over_encoder_seeds_and_test_pool(redraw_run, monkeypatch, capsys):
+    """Two encoder seeds: the second trains its own 01_ssl run (stubbed here: a copy of the first's
+    outputs under its run name), the same supports are drawn on both, records carry their seed. With
+    --pool test the supports come from labeled test images and leave the scored set."""
+    import shutil
+
+    cfg, paths, overrides = redraw_run
+    trained = []
+
+    def fake_train(c):
+        trained.append(c.run.name)
+        target = selection.RunPaths(c).run
+        if not target.exists():
+            shutil.copytree(paths.run, target, ignore=shutil.ignore_patterns("redraw"))
+
+    monkeypatch.setattr(selection, "train_encoder", fake_train)
+    agg = selection.run_redraws(cfg, n_draws=2, members=["protonet", "knn"], rules=["mean"], seed=3,
+                                encoder_seeds=[cfg.run.seed, cfg.run.seed + 5])
+    assert trained == [cfg.run.name, f"{cfg.run.name}-seed{cfg.run.seed + 5}"]
+    draws = io.read_json(paths.redraw_dir / "results.json")["draws"]
+    assert [d["encoder_seed"] for d in draws] == [cfg.run.seed] * 2 + [cfg.run.seed + 5] * 2
+    assert [d["support"] for d in draws[:2]] == [d["support"] for d in draws[2:]]  # paired draws
+    assert agg["n_draws"] == 4 and agg["encoder_seeds"] == [cfg.run.seed, cfg.run.seed + 5]
+
+    from src.data import load_data
+
+    data = load_data(paths)
+    agg = selection.run_redraws(cfg, n_draws=2, members=["protonet", "knn"], rules=["mean"], seed=3, pool_split="test")
+    draws = io.read_json(paths.redraw_dir / "results.json")["draws"]
+    for d in draws:
+        assert set(d["support"]) <= set(data.test_idx)  # drawn from the labeled test images
+        assert d["n_scored"] == len(data.test_idx) - len(d["support"])  # and not scored
+    code, err = run_script("redraw.py", *overrides, "--encoder-seeds", "1,x", capsys=capsys)
+    assert code == 2 and "--encoder-seeds: expected comma-separated integers" in err, err

@@ -73,5 +73,11 @@ class Head:
         raise NotImplementedError
 
 
+def loads_saved_encoder(cfg: HeadsCfg, heads: list[str] | None = None) -> bool:
+    """Whether the heads (cfg.heads, or the given names) run the saved encoder: cosine_finetune with
+    heads.finetune_encoder fine-tunes it on the images (the others read the written embeddings)."""
+    return cfg.finetune_encoder and "cosine_finetune" in (cfg.heads if heads is None else heads)
+
+
 # Register the heads (imports at the bottom: the modules import HEADS and Head from here).
 from src.heads import protonet, knn, cosine_finetune, logreg, transductive  # noqa: E402,F401

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from src import io
 from src.config import BackboneCfg
 from src.errors import UserError
-from src.models.weights import read_weights, resolve  # noqa: F401 - read_weights: re-exported
+from src.models.weights import WEIGHT_SOURCES, read_weights, resolve  # noqa: F401 - read_weights: re-exported
 from src.registry import Registry
 from src.runtime import autocast
 
@@ -134,6 +134,13 @@ class Encoder(nn.Module):
             # normalising the resized images. Costs (S/h)^2 more FLOPs in the network.
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return self.net(x)
+
+
+def source_backbone(name: str) -> tuple[BackboneCfg, int]:
+    """(backbone, native input side) of the installed weight source `name` (src/models/weights.py):
+    its timm model with the source's weights and the pretrained stride-2 stem (ssl.extra_encoders)."""
+    source = WEIGHT_SOURCES.get(name)
+    return BackboneCfg(name=source.model, pretrained=name, small_stem=False), source.resolution
 
 
 def adapt_small_stem(net: nn.Module) -> None:

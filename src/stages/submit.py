@@ -22,6 +22,7 @@ from src.cv import cv_summary, public_truth, truth_accuracy
 from src.data import CompetitionData, load_data
 from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, applicable, apply_rules, check_rule, log_loss
 from src.errors import UserError
+from src.estimate import ESTIMATORS, EstimateContext, estimate_all
 from src.paths import RunPaths
 from src.stages import Stage
 from src.submission import write_submission
@@ -32,6 +33,8 @@ SOURCES = ("heads", "meta")
 def validate(cfg: Config) -> None:
     e = cfg.ensemble
     check_rule(e.method)
+    if cfg.cv.estimator not in ESTIMATORS:
+        raise UserError(f"cv.estimator: unknown estimator '{cfg.cv.estimator}' (known: {', '.join(ESTIMATORS.names())})")
     if not e.auto_candidates:
         raise UserError("ensemble.auto_candidates: empty list (name at least one rule)")
     for name in e.auto_candidates:
@@ -115,20 +118,23 @@ def run(cfg: Config, paths: RunPaths) -> dict:
     m = Members(names=names, oof=[members[n]["oof"] for n in names], probs=[members[n]["probs"] for n in names], y=y,
                 transductive=[members[n]["transductive"] for n in names],
                 stack=[members[n]["stack"] for n in names], table=table)
-    params = RuleParams.from_config(e, cfg.run.seed)
+    params = RuleParams.from_config(e, cfg.run.seed, cfg.cv.estimator)
     # Every rule that applies, and the configured one (a UserError when it cannot run).
     wanted = [r for r in RULES if applicable(r, m, params)]
     combos = apply_rules(wanted + [e.method] * (e.method not in wanted), m, params)
     draws, draws_note = member_redraws(members)
 
-    # ---- every member and rule on local CV (labeled rows), re-draws and truth ----
+    # ---- every member and rule on local CV (labeled rows), accuracy estimates, re-draws and truth ----
+    ctx = EstimateContext(list(m.probs), list(m.oof), y)
     rows: dict[str, dict] = {}
     for k, n in enumerate(names):
         rows[n] = {**cv_summary(m.oof[k], y), "log_loss": log_loss(m.oof[k], y),
+                   "estimates": estimate_all(m.probs[k], m.oof[k], ctx),
                    "redraw": redraw_score(draws, np.eye(len(names))[k], y),
                    "test_accuracy": truth_accuracy(m.probs[k], truth), "source": members[n]["source"]}
     for key, c in combos.items():
         rows[f"ensemble:{key}"] = {**cv_summary(c.oof, y), "log_loss": log_loss(c.oof, y),
+                                   "estimates": estimate_all(c.test, c.oof, ctx),
                                    "redraw": redraw_score(draws, c.weights, y),
                                    "test_accuracy": truth_accuracy(c.test, truth), "note": c.note}
     method = e.method
@@ -136,7 +142,8 @@ def run(cfg: Config, paths: RunPaths) -> dict:
     # ---- submissions ----
     final = combos[method].test
     best = max(names, key=lambda n: (rows[n]["accuracy"], -rows[n]["log_loss"]))  # on local CV only
-    cv_scores = {n: {k: rows[n][k] for k in ("accuracy", "interval", "n", "redraw")} for n in rows}
+    cv_scores = {n: {k: rows[n][k] for k in ("accuracy", "interval", "n", "redraw")}
+                 | {"estimate": rows[n]["estimates"][cfg.cv.estimator], "estimator": cfg.cv.estimator} for n in rows}
     weights = combos[method].weights
     sidecar = {"method": method, "members": names, "note": combos[method].note,
                "weights": None if weights is None else {n: float(w) for n, w in zip(names, weights)},
@@ -155,18 +162,21 @@ def run(cfg: Config, paths: RunPaths) -> dict:
                "redraws": draws_note, "best_single": best, "rows": rows, "submissions": written}
     io.write_json(paths.stage("submit") / "ensemble.json", summary)
 
-    print_table(rows, cfg.data.truth, draws_note)
+    print_table(rows, cfg.data.truth, draws_note, cfg.cv.estimator)
     html = None
     if e.report:
         html = report_for_run(cfg, paths, data, rows, method, final, truth)
         print(f"report: {html}")
     ens = rows[f"ensemble:{method}"]
-    line = f"submission {sub} (ensemble:{method}); local CV {format_cv(ens)}"
+    est = ens["estimates"][cfg.cv.estimator]
+    line = (f"submission {sub} (ensemble:{method}); estimated accuracy {format_estimate(est)} "
+            f"({cfg.cv.estimator}); LOO {format_cv(ens)}")
     if truth is not None:
         line = (f"{cfg.run.name} test accuracy {ens['test_accuracy']:.4f} (truth file {cfg.data.truth}, "
                 f"{int((truth >= 0).sum())} images); " + line)
     print(line)
-    return {"method": method, "local_cv": ens["accuracy"], "redraw": ens["redraw"],
+    return {"method": method, "local_cv": ens["accuracy"], "estimate": est["estimate"],
+            "estimate_interval": est["interval"], "estimator": cfg.cv.estimator, "redraw": ens["redraw"],
             "test_accuracy": ens["test_accuracy"], "best_single": best, "submission": str(sub),
             "report": None if html is None else str(html)}
 
@@ -263,20 +273,27 @@ def report_for_run(cfg: Config, paths: RunPaths, data: CompetitionData, rows: di
         confusion = (truth[known], final.argmax(1)[known], caption)
     lines = [f"run {cfg.run.name}; embeddings from {source}; {len(data.labeled_idx)} labeled images; "
              f"{len(data.test_idx)} test images",
-             f"submitted: ensemble:{method}, local CV {ens['accuracy']:.3f} "
+             f"submitted: ensemble:{method}, estimated accuracy "
+             f"{format_estimate(ens['estimates'][cfg.cv.estimator])} ({cfg.cv.estimator}), LOO {ens['accuracy']:.3f} "
              f"[{ens['interval'][0]:.2f}, {ens['interval'][1]:.2f}]"
              + ("" if ens["test_accuracy"] is None else f", truth accuracy {ens['test_accuracy']:.4f}")]
     return render_report(paths, f"Run report: {cfg.run.name}", rows, data.classes.tolist(), emb, tsne_rows,
                          colours, labeled_mask, confusion, lines, cfg.run.seed, cfg.dedup.report_pairs)
 
 
-def print_table(rows: dict[str, dict], truth_name: str, redraw_note: str = "") -> None:
-    header = ["member", "local CV [95% CI]", "re-draws mean ± std", "log-loss"]
+def format_estimate(e: dict) -> str:
+    return f"{e['estimate']:.3f} [{e['interval'][0]:.2f}, {e['interval'][1]:.2f}]"
+
+
+def print_table(rows: dict[str, dict], truth_name: str, redraw_note: str = "", estimator: str = "") -> None:
+    header = ["member", *([f"estimate ({estimator}) [95%]"] if estimator else []), "LOO [95% CI]",
+              "re-draws mean ± std", "log-loss"]
     header += ["test acc (truth)"] if truth_name else []
     table = [header]
     for n, r in rows.items():
         d = r.get("redraw")
-        line = [n, f"{r['accuracy']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]",
+        line = [n, *([format_estimate(r["estimates"][estimator])] if estimator else []),
+                f"{r['accuracy']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]",
                 "-" if not d else f"{d['mean']:.3f} ± {d['std']:.3f}", f"{r['log_loss']:.3f}"]
         if truth_name:
             line.append("-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}")
@@ -291,5 +308,5 @@ def print_table(rows: dict[str, dict], truth_name: str, redraw_note: str = "") -
 
 
 STAGE = Stage(key="submit", title="ensemble, submissions and run report",
-              sections=("data", "ensemble", "dedup"), run=run,
+              sections=("data", "ensemble", "cv", "dedup"), run=run,
               after=("heads",), optional_after=("meta",))

@@ -1,0 +1,293 @@
+"""Accuracy estimates of members and rules that use the unlabeled test images as well as the labels.
+
+Leave-one-out over 30 labeled images is noisy (one image is 3.3 points; the binomial error alone is
+about +-9) and, in the few-shot setting, biased low: the held-out image's class keeps 2 of its 3
+support images, and the pseudo-labels it passed on leave with it. The 10,000 test images carry
+information no such estimate uses: how confident the members are there, and how often they agree.
+
+Every estimator maps one prediction (test probabilities (T, C) and LOO probabilities (L, C) of the
+labeled images) to an accuracy estimate with an interval, given the members of the run
+(:class:`EstimateContext`). None of them reads truth: they take no argument that could carry it.
+
+* ``loo``: LOO accuracy, Wilson 95 % interval (src/cv.py).
+* ``confidence``: average confidence, mean over test images of the top probability (AC; Hendrycks
+  & Gimpel 2017).
+* ``doc``: difference of confidences (Guillory et al. 2021): LOO accuracy + (test confidence -
+  LOO confidence).
+* ``atc``: average thresholded confidence (Garg et al. 2022): the confidence threshold t at which
+  the LOO rows above t are as many as the LOO accuracy says are right; the estimate is the fraction
+  of test images above t (ties at t split in proportion).
+* ``atc_ne``: the same with the negative entropy of the probabilities as the score (ATC-NE).
+* ``dawid_skene``: the one-coin latent-truth model (Dawid & Skene 1979) over the members' test
+  argmaxes: every member m is right with probability a_m and otherwise says any other class alike;
+  the labeled images join with their known label (their LOO argmaxes). EM gives the posterior
+  q (T, C) of every test image's class; a prediction's estimate is the mean posterior mass on its
+  argmax (Eq. 2.5 of the paper with the one-coin confusion matrices). Members that share their
+  errors (heads on one embedding) break its independence assumption and push it up.
+* ``temperature``: average confidence on the test images after temperature scaling (Guo et al.
+  2017) fitted on the LOO rows.
+* ``blend`` (the default, ``cv.estimator``): the mean of ``atc``, ``atc_ne``, ``doc`` and
+  ``temperature``.
+
+Intervals are 95 % nominal; how often they hold is measured by the re-draw evaluation
+(src/selection.py) and stated in docs/RESULTS.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from src.cv import wilson_interval
+from src.registry import Registry
+
+Z95 = 1.96
+
+
+@dataclass
+class Estimate:
+    value: float
+    lo: float
+    hi: float
+
+    def as_dict(self) -> dict:
+        return {"estimate": float(self.value), "interval": [float(self.lo), float(self.hi)]}
+
+
+def _clip(lo: float, hi: float) -> tuple[float, float]:
+    return max(0.0, lo), min(1.0, hi)
+
+
+def top_confidence(probs: np.ndarray) -> np.ndarray:
+    """(n,) top probability of every row of (n, C) scores, renormalised to sum to one per row."""
+    p = np.asarray(probs, np.float64)
+    p = p / np.maximum(p.sum(1, keepdims=True), 1e-12)
+    return p.max(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dawid-Skene, one-coin
+# ------------------------------------------------------------------------------------------------
+def dawid_skene(test_labels: np.ndarray, n_classes: int, known_labels: np.ndarray | None = None,
+                known_y: np.ndarray | None = None, iters: int = 50, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray]:
+    """One-coin Dawid-Skene EM. test_labels (M, T): every member's argmax on the unlabeled images;
+    known_labels (M, L) and known_y (L,): the members' argmaxes on images of known class (fixed
+    posteriors). Returns (accuracy a (M,), posterior q (T, C)).
+
+    E-step (Eq. 2.5): log q[t, c] = log pi_c + sum_m log(a_m if z_mt == c else (1 - a_m) / (C - 1)).
+    M-step: a_m = expected fraction of rows where member m says the true class; pi = mean q."""
+    z = np.asarray(test_labels, np.int64)  # (M, T)
+    m, t = z.shape
+    c = int(n_classes)
+    onehot = np.eye(c)[z]  # (M, T, C)
+    if known_labels is not None and len(known_y):
+        kz, ky = np.asarray(known_labels, np.int64), np.asarray(known_y, np.int64)
+        known_right = (kz == ky[None]).sum(1)  # (M,)
+        n_known = len(ky)
+    else:
+        known_right, n_known = np.zeros(m), 0
+    # start from the plain majority vote
+    q = onehot.sum(0) + 1e-3  # (T, C)
+    q /= q.sum(1, keepdims=True)
+    a = np.full(m, 0.5)
+    for _ in range(iters):
+        a_new = ((onehot * q[None]).sum((1, 2)) + known_right) / (t + n_known)  # (M,)
+        a_new = np.clip(a_new, 1.0 / c + 1e-4, 1 - 1e-4)
+        pi = np.clip(q.mean(0), 1e-6, None)  # (C,)
+        right, wrong = np.log(a_new), np.log((1 - a_new) / (c - 1))  # (M,)
+        logq = np.log(pi)[None] + np.einsum("mtc,m->tc", onehot, right - wrong) + wrong.sum()
+        logq -= logq.max(1, keepdims=True)
+        q = np.exp(logq)
+        q /= q.sum(1, keepdims=True)
+        done = np.abs(a_new - a).max() < tol
+        a = a_new
+        if done:
+            break
+    return a, q
+
+
+# ------------------------------------------------------------------------------------------------
+# Context and registry
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class EstimateContext:
+    """The members of one run: test probabilities (T, C) and LOO probabilities (L, C) each, and the
+    labeled images' classes (L,). The Dawid-Skene posterior is fitted once, on first use."""
+
+    probs: list[np.ndarray]
+    oof: list[np.ndarray]
+    y: np.ndarray
+    intervals: bool = True  # False: point estimates only (no bootstrap), e.g. to rank members in a rule
+    _ds: tuple | None = field(default=None, repr=False)
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.probs[0].shape[1])
+
+    def ds(self) -> tuple[np.ndarray, np.ndarray]:
+        """(a (M,), q (T, C)) of :func:`dawid_skene` on the members."""
+        if self._ds is None:
+            z = np.stack([np.asarray(p).argmax(1) for p in self.probs])
+            kz = np.stack([np.asarray(o).argmax(1) for o in self.oof])
+            self._ds = dawid_skene(z, self.n_classes, kz, self.y)
+        return self._ds
+
+
+Estimator = Callable[[np.ndarray, np.ndarray, EstimateContext], Estimate]
+ESTIMATORS = Registry("estimator")
+
+
+@ESTIMATORS.register("loo")
+def est_loo(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    right = int((np.asarray(oof).argmax(1) == ctx.y).sum())
+    return Estimate(right / len(ctx.y), *wilson_interval(right, len(ctx.y)))
+
+
+@ESTIMATORS.register("confidence")
+def est_confidence(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    """Average top probability on the test images; the interval is the LOO rows' calibration gap
+    (|LOO confidence - LOO accuracy|, at least one binomial standard error) either side."""
+    conf = top_confidence(test)
+    value = float(conf.mean())
+    acc = float((np.asarray(oof).argmax(1) == ctx.y).mean())
+    gap = max(abs(float(top_confidence(oof).mean()) - acc), np.sqrt(acc * (1 - acc) / len(ctx.y)))
+    return Estimate(value, *_clip(value - gap, value + gap))
+
+
+@ESTIMATORS.register("doc")
+def est_doc(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    """LOO accuracy shifted by the confidence difference between test and LOO rows; Wilson interval shifted alike."""
+    right = int((np.asarray(oof).argmax(1) == ctx.y).sum())
+    shift = float(top_confidence(test).mean() - top_confidence(oof).mean())
+    lo, hi = wilson_interval(right, len(ctx.y))
+    return Estimate(float(np.clip(right / len(ctx.y) + shift, 0, 1)), *_clip(lo + shift, hi + shift))
+
+
+def atc_fraction(conf: np.ndarray, correct: np.ndarray, conf_test: np.ndarray) -> float:
+    """ATC (Garg et al. 2022, Eq. 1) with ties: the threshold t and share lam in [0, 1] of the rows at
+    t with mean(conf > t) + lam * mean(conf == t) == mean(correct) on the labeled rows (L,), applied
+    to the test rows: mean(conf_test > t) + lam * mean(conf_test == t). Ties matter: one-hot heads
+    (kNN) give every row the same confidence, where a plain threshold counts all or none."""
+    acc = float(np.mean(correct))
+    conf, conf_test = np.asarray(conf), np.asarray(conf_test)
+    values, counts = np.unique(conf, return_counts=True)
+    values, share = values[::-1], counts[::-1] / len(conf)  # distinct confidences, highest first
+    upto = np.cumsum(share)  # share of rows at or above each value
+    k = min(int(np.searchsorted(upto, acc - 1e-12)), len(values) - 1)  # first value reaching acc
+    t, lam = values[k], (acc - (upto[k] - share[k])) / share[k]
+    return float(np.mean(conf_test > t) + lam * np.mean(conf_test == t))
+
+
+def negative_entropy(probs: np.ndarray) -> np.ndarray:
+    """(n,) sum_c p log p of every row of (n, C) scores, renormalised to sum to one per row (ATC-NE's score)."""
+    p = np.asarray(probs, np.float64)
+    p = p / np.maximum(p.sum(1, keepdims=True), 1e-12)
+    return (p * np.log(np.clip(p, 1e-12, None))).sum(1)
+
+
+def _atc(score, test: np.ndarray, oof: np.ndarray, ctx: EstimateContext, boot: int = 200) -> Estimate:
+    """Fraction of test images whose score is above the ATC threshold of the labeled (LOO) rows;
+    interval: 2.5-97.5 % over a bootstrap of the labeled rows."""
+    conf_t, conf_l = score(test), score(oof)
+    correct = np.asarray(oof).argmax(1) == ctx.y
+
+    def one(rows):
+        return atc_fraction(conf_l[rows], correct[rows], conf_t)
+
+    value = one(np.arange(len(conf_l)))
+    if not ctx.intervals:
+        return Estimate(value, value, value)
+    rng = np.random.default_rng(0)
+    draws = [one(rng.integers(0, len(conf_l), len(conf_l))) for _ in range(boot)]
+    return Estimate(value, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+
+
+@ESTIMATORS.register("atc")
+def est_atc(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    """ATC with the top probability as the score (ATC-MC)."""
+    return _atc(top_confidence, test, oof, ctx)
+
+
+@ESTIMATORS.register("atc_ne")
+def est_atc_ne(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    """ATC with the negative entropy as the score (ATC-NE, the paper's better variant)."""
+    return _atc(negative_entropy, test, oof, ctx)
+
+
+@ESTIMATORS.register("dawid_skene")
+def est_dawid_skene(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    """Mean Dawid-Skene posterior of the prediction's argmax; interval: its posterior spread."""
+    _, q = ctx.ds()
+    hit = q[np.arange(len(q)), np.asarray(test).argmax(1)]  # (T,)
+    value = float(hit.mean())
+    half = Z95 * float(np.sqrt((hit * (1 - hit)).sum())) / len(hit)
+    return Estimate(value, *_clip(value - half, value + half))
+
+
+def temper(probs: np.ndarray, t: float) -> np.ndarray:
+    """(n, C) probabilities at temperature t: softmax(log p / t) (Guo et al. 2017, Eq. 9 on log p)."""
+    logits = np.log(np.clip(np.asarray(probs, np.float64), 1e-12, None)) / t
+    logits -= logits.max(1, keepdims=True)
+    q = np.exp(logits)
+    return q / q.sum(1, keepdims=True)
+
+
+def fit_temperature(oof: np.ndarray, y: np.ndarray) -> float:
+    """The temperature in [e^-5, e^5] that minimises the negative log-likelihood of the labeled rows."""
+    from scipy.optimize import minimize_scalar
+
+    rows = np.arange(len(y))
+
+    def nll(log_t: float) -> float:
+        return float(-np.log(np.clip(temper(oof, np.exp(log_t))[rows, y], 1e-12, None)).mean())
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-5, 5), method="bounded").x))
+
+
+BOOT_TEST_ROWS = 2000  # test rows each bootstrap draw averages over (a fixed sample: the spread is the labels')
+
+
+@ESTIMATORS.register("temperature")
+def est_temperature(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext, boot: int = 100) -> Estimate:
+    """Average confidence on the test images after temperature scaling fitted on the LOO rows;
+    interval: 2.5-97.5 % over a bootstrap of the labeled rows (the temperature refitted on each)."""
+    oof, y = np.asarray(oof), ctx.y
+    if not ctx.intervals:
+        value = float(top_confidence(temper(test, fit_temperature(oof, y))).mean())
+        return Estimate(value, value, value)
+    rng = np.random.default_rng(0)
+    sample = np.asarray(test)[rng.permutation(len(test))[:BOOT_TEST_ROWS]]  # the bootstrap's test rows
+
+    def one(rows: np.ndarray, rows_test: np.ndarray) -> float:
+        return float(top_confidence(temper(rows_test, fit_temperature(oof[rows], y[rows]))).mean())
+
+    draws = [one(rng.integers(0, len(y), len(y)), sample) for _ in range(boot)]
+    return Estimate(one(np.arange(len(y)), np.asarray(test)), float(np.percentile(draws, 2.5)),
+                    float(np.percentile(draws, 97.5)))
+
+
+BLEND = ("atc", "atc_ne", "doc", "temperature")
+
+
+@ESTIMATORS.register("blend")
+def est_blend(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    """Equal-weight mean of the four estimators that map the LOO rows' confidence onto the test
+    images' (BLEND); interval: the mean of their intervals. Each corrects LOO's low bias its own way
+    and their errors differ, so the mean is steadier than any of them on the re-draw tables."""
+    return blend_of([ESTIMATORS.get(n)(test, oof, ctx) for n in BLEND])
+
+
+def blend_of(parts: list[Estimate]) -> Estimate:
+    return Estimate(*(float(np.mean([getattr(e, k) for e in parts])) for k in ("value", "lo", "hi")))
+
+
+def estimate_all(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext,
+                 names: list[str] | None = None) -> dict[str, dict]:
+    """{estimator: {"estimate", "interval"}} for one prediction (test (T, C), oof (L, C)); blend reuses
+    its parts when they are asked for too."""
+    names = list(names or ESTIMATORS.names())
+    done = {n: ESTIMATORS.get(n)(test, oof, ctx) for n in names if n != "blend"}
+    if "blend" in names:
+        done["blend"] = blend_of([done[n] if n in done else ESTIMATORS.get(n)(test, oof, ctx) for n in BLEND])
+    return {n: done[n].as_dict() for n in names}

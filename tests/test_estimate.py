@@ -1,0 +1,121 @@
+"""Accuracy estimators (src/estimate.py) on synthetic members whose true accuracy is known:
+independent noisy labelers (Dawid-Skene's model), calibrated probabilities (confidence, DoC, ATC),
+and the one thing none may do: read truth."""
+import inspect
+
+import numpy as np
+import pytest
+
+from src import estimate
+from src.estimate import ESTIMATORS, EstimateContext, atc_fraction, dawid_skene, estimate_all
+
+
+def noisy_labelers(accs, n=4000, c=10, n_labeled=30, seed=0):
+    """Truth (n,), labeled truth (L,), and per member one-hot-ish probabilities on test and labeled
+    rows. Row i has a confidence c_i spread evenly around acc; it is right with probability c_i,
+    else a uniformly random other class; its top probability is c_i (calibrated) and the rest is
+    spread evenly."""
+    rng = np.random.default_rng(seed)
+    truth, y = rng.integers(0, c, n), np.repeat(np.arange(c), n_labeled // c)
+
+    def member(acc, t):
+        w = min(1 - acc, acc - 0.15)
+        conf = acc + rng.uniform(-w, w, len(t))  # (n,)
+        right = rng.random(len(t)) < conf
+        other = (t + rng.integers(1, c, len(t))) % c
+        lab = np.where(right, t, other)
+        p = np.repeat(((1 - conf) / (c - 1))[:, None], c, 1)
+        p[np.arange(len(t)), lab] = conf
+        return p
+
+    probs, oof = zip(*[(member(a, truth), member(a, y)) for a in accs])
+    return truth, y, list(probs), list(oof)
+
+
+def acc(p, t):
+    return float((p.argmax(1) == t).mean())
+
+
+def test_dawid_skene_recovers_independent_labelers_accuracies():
+    accs = [0.9, 0.75, 0.6, 0.5, 0.4]
+    truth, y, probs, oof = noisy_labelers(accs)
+    z = np.stack([p.argmax(1) for p in probs])
+    a, q = dawid_skene(z, 10)
+    realised = [acc(p, truth) for p in probs]
+    np.testing.assert_allclose(a, realised, atol=0.02)
+    assert q.shape == (len(truth), 10) and np.allclose(q.sum(1), 1)
+    assert acc(q, truth) >= max(realised)  # the posterior beats the best member
+    ctx = EstimateContext(probs, oof, y)
+    for p in probs:  # the estimator of each member: its realised accuracy
+        e = estimate.est_dawid_skene(p, p[:30], ctx)
+        assert e.value == pytest.approx(acc(p, truth), abs=0.02) and e.lo <= e.value <= e.hi
+
+
+def test_dawid_skene_uses_known_rows():
+    """Two members that always agree and a third: without known rows the pair looks right; known
+    rows where the pair is wrong and the third right turn the accuracies around."""
+    c, t = 3, 300
+    rng = np.random.default_rng(1)
+    pair = rng.integers(0, c, t)
+    third = (pair + 1) % c
+    z = np.stack([pair, pair, third])
+    a_free, _ = dawid_skene(z, c)
+    assert a_free[0] > a_free[2]
+    known_truth = rng.integers(0, c, 600)
+    known = np.stack([(known_truth + 1) % c, (known_truth + 1) % c, known_truth])
+    a_known, _ = dawid_skene(z, c, known, known_truth)
+    assert a_known[2] > a_known[0]
+
+
+def test_confidence_doc_atc_on_calibrated_members():
+    truth, y, probs, oof = noisy_labelers([0.8, 0.6], n=5000, n_labeled=2000)
+    ctx = EstimateContext(probs, oof, y)
+    for p, o in zip(probs, oof):
+        want = acc(p, truth)
+        for name in ("confidence", "doc", "atc", "atc_ne", "temperature", "blend"):
+            e = ESTIMATORS.get(name)(p, o, ctx)
+            assert e.value == pytest.approx(want, abs=0.03), name
+            assert e.lo <= e.value <= e.hi
+
+
+def test_atc_fraction_counts_rows_above_the_threshold_and_splits_ties():
+    conf = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    right = np.array([1, 1, 0, 1, 0], bool)  # 3 of 5 right: t between 0.7 and 0.6
+    assert atc_fraction(conf, right, conf) == pytest.approx(0.6)
+    assert atc_fraction(conf, right, np.array([0.95, 0.75, 0.65, 0.55])) == pytest.approx(0.5)  # 0.95 and 0.75 >= 0.7
+    assert atc_fraction(conf, np.zeros(5, bool), conf) == 0.0
+    assert atc_fraction(conf, np.ones(5, bool), conf) == 1.0
+    # every row tied (a one-hot head): the threshold takes the labeled accuracy's share of the tie
+    ones = np.ones(10)
+    assert atc_fraction(ones, np.arange(10) < 7, np.ones(300)) == pytest.approx(0.7)
+
+
+def test_loo_and_blend():
+    """LOO is the labeled rows' accuracy; blend is the mean of its four parts, value and interval."""
+    truth, y, probs, oof = noisy_labelers([0.9, 0.7, 0.6])
+    ctx = EstimateContext(probs, oof, y)
+    loo = estimate.est_loo(probs[0], oof[0], ctx)
+    assert loo.value == pytest.approx(acc(oof[0], y))
+    parts = [ESTIMATORS.get(n)(probs[0], oof[0], ctx) for n in estimate.BLEND]
+    blend = estimate.est_blend(probs[0], oof[0], ctx)
+    assert blend.value == pytest.approx(np.mean([e.value for e in parts]))
+    assert blend.lo == pytest.approx(np.mean([e.lo for e in parts])) and blend.lo <= blend.value <= blend.hi
+    out = estimate_all(probs[0], oof[0], ctx)
+    assert set(out) == set(ESTIMATORS.names()) and all(0 <= v["estimate"] <= 1 for v in out.values())
+
+
+def test_no_estimator_takes_truth():
+    """The estimators' inputs: one prediction and the context (members, labeled rows); nothing else."""
+    for name in ESTIMATORS.names():
+        params = list(inspect.signature(ESTIMATORS.get(name)).parameters)
+        assert params[:3] == ["test", "oof", "ctx"], name
+        assert not {"truth", "labels", "target"} & set(params), name
+    assert set(inspect.signature(EstimateContext).parameters) == {"probs", "oof", "y", "intervals", "_ds"}
+
+
+def test_point_estimates_equal_the_values_with_intervals():
+    truth, y, probs, oof = noisy_labelers([0.8, 0.6])
+    full, point = EstimateContext(probs, oof, y), EstimateContext(probs, oof, y, intervals=False)
+    for name in ESTIMATORS.names():
+        e, p = ESTIMATORS.get(name)(probs[0], oof[0], full), ESTIMATORS.get(name)(probs[0], oof[0], point)
+        assert p.value == pytest.approx(e.value), name
