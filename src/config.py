@@ -499,6 +499,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 # Stages the submission can do without (their consumers list them as optional_after; tests/test_runner.py
 # checks this against the stage graph).
+STAGES = ("prepare", "ssl", "pseudo", "metric", "meta", "heads", "submit")  # in order (src/paths.py: NN_<key>/)
 OPTIONAL_STAGES = ("pseudo", "metric", "meta")
 
 
@@ -531,14 +532,12 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.unlabeled_limit: must be >= -1 (-1: all, 0: none), got {cfg.data.unlabeled_limit}")
     if cfg.data.model_input_size < 0:
         raise UserError(f"data.model_input_size: must be >= 0 (0: off), got {cfg.data.model_input_size}")
-    from src.paths import STAGE_DIRS  # late: src.paths imports this module
-
     for name in cfg.run.compile_stages:
-        if name not in STAGE_DIRS:
-            raise UserError(f"run.compile_stages: unknown stage '{name}' (known: {', '.join(STAGE_DIRS)})")
+        if name not in STAGES:
+            raise UserError(f"run.compile_stages: unknown stage '{name}' (known: {', '.join(STAGES)})")
     for name, seconds in cfg.bench.stage_budget_s.items():
-        if name not in STAGE_DIRS:
-            raise UserError(f"bench.stage_budget_s: unknown stage '{name}' (known: {', '.join(STAGE_DIRS)})")
+        if name not in STAGES:
+            raise UserError(f"bench.stage_budget_s: unknown stage '{name}' (known: {', '.join(STAGES)})")
         if not seconds > 0:
             raise UserError(f"bench.stage_budget_s.{name}: must be positive, got {seconds}")
     for key in ("budget_s", "max_gpu_memory_gb", "roof_size", "ssl_probe_steps", "ssl_max_epochs", "ssl_overhead_s"):

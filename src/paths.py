@@ -20,17 +20,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from src.config import Config
+from src.config import STAGES, Config
 
-STAGE_DIRS = {
-    "prepare": "00_prepare",
-    "ssl": "01_ssl",
-    "pseudo": "02_pseudo",
-    "metric": "03_metric",
-    "meta": "04_meta",
-    "heads": "05_heads",
-    "submit": "06_submit",
-}
+STAGE_DIRS = {key: f"{i:02d}_{key}" for i, key in enumerate(STAGES)}  # "ssl" -> "01_ssl"
 
 
 class RunPaths:

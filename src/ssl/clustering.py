@@ -27,7 +27,7 @@ from src.config import SSLCfg
 from src.errors import UserError
 from src.models.encoder import embed
 from src.neighbors import kmeans
-from src.ssl.objectives import OBJECTIVES, Objective, mlp
+from src.ssl.base import OBJECTIVES, Objective, mlp
 from src.train_utils import all_gather_with_grad, all_reduce, broadcast_from_main, dist_info
 
 

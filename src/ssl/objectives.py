@@ -15,23 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.config import SSLCfg
-from src.registry import Registry
+from src.ssl import clustering  # noqa: F401 - registers SwAV and DeepCluster-v2 in OBJECTIVES
+from src.ssl.base import OBJECTIVES, Objective, mlp  # noqa: F401 - re-exported
 from src.train_utils import all_gather_with_grad, all_reduce_mean, dist_info, ema_update
-
-OBJECTIVES = Registry("objective")
-
-
-def mlp(in_dim: int, hidden: int, out_dim: int, layers: int = 2, last_bn: bool = False) -> nn.Sequential:
-    """(Linear-BN-ReLU) x (layers-1), Linear, optional BN without affine (SimSiam's projector)."""
-    mods: list[nn.Module] = []
-    dim = in_dim
-    for _ in range(layers - 1):
-        mods += [nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
-        dim = hidden
-    mods.append(nn.Linear(dim, out_dim, bias=not last_bn))
-    if last_bn:
-        mods.append(nn.BatchNorm1d(out_dim, affine=False))
-    return nn.Sequential(*mods)
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -76,31 +62,6 @@ def nt_xent(z: torch.Tensor, n_views: int, temperature: float) -> torch.Tensor:
 def cosine_regression(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """BYOL loss per pair: ||p/|p| - z/|z|||^2 = 2 - 2 cos(p, z), mean over the batch."""
     return (2 - 2 * F.cosine_similarity(p.float(), z.float(), dim=-1)).mean()
-
-
-class Objective(nn.Module):
-    """Base: `forward(feats, local_feats, views, encoder) -> scalar loss`."""
-
-    needs_feats = True  # False: the objective encodes its own inputs (rotation)
-    uses_local = False  # consumes multi-crop local views
-    needs_rows = False  # True: forward also receives `rows`, the (B,) image rows of the batch (DeepCluster-v2)
-
-    def __init__(self, cfg: SSLCfg, encoder: nn.Module):
-        super().__init__()
-        self.cfg = cfg
-
-    @classmethod
-    def check_config(cls, cfg: SSLCfg) -> None:
-        """Raise UserError for settings of this objective that types alone cannot check."""
-
-    def on_epoch_start(self, epoch: int, encoder: nn.Module, images) -> None:
-        """Called before every training epoch with all training images (uint8 (N, H, W, 3))."""
-
-    def update_teacher(self, encoder: nn.Module, momentum: float) -> None:
-        """Called after every optimiser step (EMA objectives)."""
-
-    def teachers(self) -> list[nn.Module]:
-        return []
 
 
 @OBJECTIVES.register("simclr")
@@ -300,6 +261,3 @@ class SSLModel(nn.Module):
             for t in obj.teachers():
                 t.compile()
 
-
-# SwAV and DeepCluster-v2 register themselves (import at the bottom: the module imports from this one).
-from src.ssl import clustering  # noqa: E402,F401
