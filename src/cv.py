@@ -156,11 +156,15 @@ def truth_accuracy(probs: np.ndarray, truth: np.ndarray | None) -> float | None:
     return float((np.asarray(probs)[known].argmax(1) == truth[known]).mean())
 
 
+def format_interval(value: float, interval) -> str:
+    """'0.900 [0.74, 0.97]': an accuracy (or its estimate) with its 95 % interval."""
+    return f"{value:.3f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def _fmt_acc(summary: dict | None) -> str:
     if not summary or "accuracy" not in summary:
         return "-"
-    lo, hi = summary["interval"]
-    return f"{summary['accuracy']:.3f} [{lo:.2f}, {hi:.2f}]"
+    return format_interval(summary["accuracy"], summary["interval"])
 
 
 def _fmt_mean(entry: dict | None) -> str:
@@ -187,7 +191,7 @@ def format_cv_table(rows: dict[str, dict], truth_name: str = "", estimator: str 
     table = [header]
     for name, r in rows.items():
         e = (r.get("estimates") or {}).get(estimator)
-        line = [name, *([_fmt_acc(e and {"accuracy": e["estimate"], "interval": e["interval"]})] if est else []),
+        line = [name, *([format_interval(e["estimate"], e["interval"]) if e else "-"] if est else []),
                 _fmt_acc(r.get("loo")), *([_fmt_acc(r.get("loo_labeled_only"))] if plain else []),
                 *[_fmt_mean((r.get("redraws") or {}).get(s)) for s in shots], _fmt_mean(r.get("episodic"))]
         if truth_name:

@@ -35,8 +35,6 @@ Intervals are 95 % nominal; how often they hold is measured by the re-draw evalu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 
 from src.cv import wilson_interval
@@ -59,11 +57,14 @@ def _clip(lo: float, hi: float) -> tuple[float, float]:
     return max(0.0, lo), min(1.0, hi)
 
 
+def _rows_sum_to_one(probs: np.ndarray) -> np.ndarray:
+    p = np.asarray(probs, np.float64)
+    return p / np.maximum(p.sum(1, keepdims=True), 1e-12)
+
+
 def top_confidence(probs: np.ndarray) -> np.ndarray:
     """(n,) top probability of every row of (n, C) scores, renormalised to sum to one per row."""
-    p = np.asarray(probs, np.float64)
-    p = p / np.maximum(p.sum(1, keepdims=True), 1e-12)
-    return p.max(1)
+    return _rows_sum_to_one(probs).max(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,7 +135,6 @@ class EstimateContext:
         return self._ds
 
 
-Estimator = Callable[[np.ndarray, np.ndarray, EstimateContext], Estimate]
 ESTIMATORS = Registry("estimator")
 
 
@@ -158,10 +158,9 @@ def est_confidence(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> E
 @ESTIMATORS.register("doc")
 def est_doc(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
     """LOO accuracy shifted by the confidence difference between test and LOO rows; Wilson interval shifted alike."""
-    right = int((np.asarray(oof).argmax(1) == ctx.y).sum())
+    loo = est_loo(test, oof, ctx)
     shift = float(top_confidence(test).mean() - top_confidence(oof).mean())
-    lo, hi = wilson_interval(right, len(ctx.y))
-    return Estimate(float(np.clip(right / len(ctx.y) + shift, 0, 1)), *_clip(lo + shift, hi + shift))
+    return Estimate(float(np.clip(loo.value + shift, 0, 1)), *_clip(loo.lo + shift, loo.hi + shift))
 
 
 def atc_fraction(conf: np.ndarray, correct: np.ndarray, conf_test: np.ndarray) -> float:
@@ -181,8 +180,7 @@ def atc_fraction(conf: np.ndarray, correct: np.ndarray, conf_test: np.ndarray) -
 
 def negative_entropy(probs: np.ndarray) -> np.ndarray:
     """(n,) sum_c p log p of every row of (n, C) scores, renormalised to sum to one per row (ATC-NE's score)."""
-    p = np.asarray(probs, np.float64)
-    p = p / np.maximum(p.sum(1, keepdims=True), 1e-12)
+    p = _rows_sum_to_one(probs)
     return (p * np.log(np.clip(p, 1e-12, None))).sum(1)
 
 

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from src import io
 from src.config import Config
-from src.cv import cv_summary
+from src.cv import cv_summary, truth_accuracy
 from src.data import CompetitionData, load_data
 from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, check_rule
 from src.ensemble import apply_rules as ensemble_rules
@@ -203,13 +203,12 @@ def score_draw(members: Members, combined: dict[str, dict], truth: np.ndarray,
     from src.estimate import ESTIMATORS, EstimateContext, estimate_all
 
     truth = np.asarray(truth)
-    known = truth >= 0
     ctx = EstimateContext(list(members.probs), list(members.oof), members.y)
     names = estimators if estimators is not None else ESTIMATORS.names()
 
     def one(test, oof):
         cv = cv_summary(oof, members.y)
-        return {"truth": float((np.asarray(test)[known].argmax(1) == truth[known]).mean()), "cv": cv["accuracy"],
+        return {"truth": truth_accuracy(test, truth), "cv": cv["accuracy"],
                 "cv_interval": cv["interval"], "estimates": estimate_all(test, oof, ctx, names)}
 
     rec = {"members": {n: one(p, o) for n, p, o in zip(members.names, members.probs, members.oof)},

@@ -18,7 +18,7 @@ import pandas as pd
 
 from src import io
 from src.config import Config
-from src.cv import cv_summary, public_truth, truth_accuracy
+from src.cv import cv_summary, format_interval, public_truth, truth_accuracy
 from src.data import CompetitionData, load_data
 from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, applicable, apply_rules, check_rule, log_loss
 from src.errors import UserError
@@ -169,7 +169,7 @@ def run(cfg: Config, paths: RunPaths) -> dict:
         print(f"report: {html}")
     ens = rows[f"ensemble:{method}"]
     est = ens["estimates"][cfg.cv.estimator]
-    line = (f"submission {sub} (ensemble:{method}); estimated accuracy {format_estimate(est)} "
+    line = (f"submission {sub} (ensemble:{method}); estimated accuracy {format_interval(est['estimate'], est['interval'])} "
             f"({cfg.cv.estimator}); LOO {format_cv(ens)}")
     if truth is not None:
         line = (f"{cfg.run.name} test accuracy {ens['test_accuracy']:.4f} (truth file {cfg.data.truth}, "
@@ -227,7 +227,7 @@ def redraw_score(draws: dict | None, weights: np.ndarray | None, y: np.ndarray) 
 def format_cv(r: dict) -> str:
     """'0.900 [0.74, 0.97], 2-shot re-draws 0.880 ± 0.070': LOO with its Wilson 95% interval (the
     noise of scoring 30 images) and, when known, the spread over support re-draws."""
-    text = f"{r['accuracy']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]"
+    text = format_interval(r["accuracy"], r["interval"])
     d = r.get("redraw")
     return text + ("" if not d else f", {d['shot']} re-draws {d['mean']:.3f} ± {d['std']:.3f}")
 
@@ -271,18 +271,14 @@ def report_for_run(cfg: Config, paths: RunPaths, data: CompetitionData, rows: di
         known = truth >= 0
         caption = f"ensemble:{method}, accuracy {ens['test_accuracy']:.4f} on {int(known.sum())} images"
         confusion = (truth[known], final.argmax(1)[known], caption)
+    est = ens["estimates"][cfg.cv.estimator]
     lines = [f"run {cfg.run.name}; embeddings from {source}; {len(data.labeled_idx)} labeled images; "
              f"{len(data.test_idx)} test images",
-             f"submitted: ensemble:{method}, estimated accuracy "
-             f"{format_estimate(ens['estimates'][cfg.cv.estimator])} ({cfg.cv.estimator}), LOO {ens['accuracy']:.3f} "
-             f"[{ens['interval'][0]:.2f}, {ens['interval'][1]:.2f}]"
+             f"submitted: ensemble:{method}, estimated accuracy {format_interval(est['estimate'], est['interval'])} "
+             f"({cfg.cv.estimator}), LOO {format_interval(ens['accuracy'], ens['interval'])}"
              + ("" if ens["test_accuracy"] is None else f", truth accuracy {ens['test_accuracy']:.4f}")]
     return render_report(paths, f"Run report: {cfg.run.name}", rows, data.classes.tolist(), emb, tsne_rows,
                          colours, labeled_mask, confusion, lines, cfg.run.seed, cfg.dedup.report_pairs)
-
-
-def format_estimate(e: dict) -> str:
-    return f"{e['estimate']:.3f} [{e['interval'][0]:.2f}, {e['interval'][1]:.2f}]"
 
 
 def print_table(rows: dict[str, dict], truth_name: str, redraw_note: str = "", estimator: str = "") -> None:
@@ -292,8 +288,8 @@ def print_table(rows: dict[str, dict], truth_name: str, redraw_note: str = "", e
     table = [header]
     for n, r in rows.items():
         d = r.get("redraw")
-        line = [n, *([format_estimate(r["estimates"][estimator])] if estimator else []),
-                f"{r['accuracy']:.3f} [{r['interval'][0]:.2f}, {r['interval'][1]:.2f}]",
+        line = [n, *([format_interval(r["estimates"][estimator]["estimate"], r["estimates"][estimator]["interval"])] if estimator else []),
+                format_interval(r["accuracy"], r["interval"]),
                 "-" if not d else f"{d['mean']:.3f} ± {d['std']:.3f}", f"{r['log_loss']:.3f}"]
         if truth_name:
             line.append("-" if r["test_accuracy"] is None else f"{r['test_accuracy']:.4f}")
