@@ -16,7 +16,8 @@
 # OVERRIDES="" (extra section.key=value, space-separated), RUN=<config name>_bench, PYTHON=python3,
 # WHEELS=.device/wheels, SITE=/tmp/site, ARCHIVE=.device/data/competition.tar.xz,
 # TRUTH=.device/data/public_truth.csv (each used when the file exists), DEADLINE_S=570,
-# ENCODER_STAGE=ssl. The test suite runs this script on CPU with a tiny config (tests/test_bench.py).
+# ENCODER_STAGE=ssl, SMOKE="" (overrides of a tiny run <RUN>_smoke made first, at most SMOKE_S=150 s:
+# when it fails the full run is not started; the deadline counts from this script's start). The test suite runs this script on CPU with a tiny config (tests/test_bench.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the folder the results go to}"
@@ -30,6 +31,8 @@ ARCHIVE=${ARCHIVE:-.device/data/competition.tar.xz}
 TRUTH=${TRUTH:-.device/data/public_truth.csv}
 DEADLINE_S=${DEADLINE_S:-570}
 ENCODER_STAGE=${ENCODER_STAGE:-ssl}
+SMOKE=${SMOKE:-}
+SMOKE_S=${SMOKE_S:-150}
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 
@@ -51,11 +54,15 @@ main() {
 import importlib, sys
 missing = []
 for name in ("torch", "timm", "safetensors", "yaml", "numpy", "pandas", "sklearn", "cv2", "tqdm", "matplotlib",
-             "threadpoolctl", "faiss", "lightgbm", "albumentations", "pytorch_metric_learning"):
+             "threadpoolctl", "faiss", "lightgbm", "pytorch_metric_learning"):
     try:
         importlib.import_module(name)
     except Exception as exc:
         missing.append(f"{name} ({exc.__class__.__name__}: {exc})")
+try:  # the CPU augmentation path only (ssl.gpu_augment: cpu); scripts/gpu_prep.sh leaves it behind
+    importlib.import_module("albumentations")
+except Exception:
+    print("gpu_run: albumentations not installed: CPU-side augmentation (ssl.gpu_augment: cpu) would fail")
 import torch
 print(f"gpu_run: python {sys.version.split()[0]}, torch {torch.__version__}, cuda available {torch.cuda.is_available()}"
       + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""))
@@ -69,6 +76,17 @@ PY
   local extra=()
   read -r -a extra <<< "$OVERRIDES"  # split on spaces, no globbing ([a,b] lists stay as they are)
   args+=(run.progress=false "${extra[@]}")
+  if [[ -n "$SMOKE" ]]; then
+    # every stage's device code on a tiny slice first: a CUDA-only bug then costs a minute, not the call
+    local smoke=()
+    read -r -a smoke <<< "$SMOKE"
+    echo "gpu_run: smoke run ${RUN}_smoke"
+    timeout --signal=TERM --kill-after=10 "$SMOKE_S" "$PYTHON" -u pipelines/bench.py pipeline "${args[@]}" \
+      "${smoke[@]}" --run "${RUN}_smoke" --no-roof
+    rc=$?
+    echo "gpu_run: smoke exit $rc after $(( SECONDS - t0 ))s"
+    (( rc )) && { echo "gpu_run: the smoke run failed: no full run"; return "$rc"; }
+  fi
   local left=$(( DEADLINE_S - (SECONDS - t0) ))
   echo "gpu_run: bench pipeline, ${left}s left before the deadline"
   # --deadline-s: optional stages (02-04) are skipped when they would leave too little for 05/06, so a

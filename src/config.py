@@ -193,6 +193,9 @@ class PseudoCfg:
     scan_self_label_threshold: float = 0.99
     # self-training (FixMatch-style) between rounds
     self_train_epochs: int = 10  # 0: no encoder training (later rounds only grow the prototype/knn supports)
+    # >0: wall seconds of training steps per round. Steps FIT_FROM..FIT_AT of the first epoch are timed and the
+    # round is shortened to what fits (the cosine schedule is recomputed for it); 0: all the epochs
+    self_train_budget_s: float = 0.0
     self_train_batch_size: int = 64  # B labeled + selected pseudo-labeled images per step
     self_train_lr: float = 0.03  # SGD, for batch B = 64 (scaled linearly)
     self_train_weight_decay: float = 5e-4

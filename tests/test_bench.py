@@ -103,6 +103,39 @@ def test_bench_pipeline_stops_at_a_failing_stage(tmp_path, capsys):
     assert (tmp_path / "runs" / "bad" / "bench.md").exists()
 
 
+def test_gpu_run_stops_before_the_full_run_when_the_smoke_run_fails(tmp_path):
+    out, root = tmp_path / "OUT", tmp_path / "work"
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "no-wheels"),
+           "RUN": "sm", "CONFIG": "configs/cifar_gpu_pretrained.yaml", "SMOKE": "data.unlabeled_limit=-5",
+           "OVERRIDES": f"run.device=cpu data.path={root}/comp run.root={root}/runs run.submissions_dir={root}/subs"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_run.sh")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = (out / "log.txt").read_text()
+    assert "data.unlabeled_limit: must be >= -1" in log and "gpu_run: the smoke run failed: no full run" in log
+    assert "bench pipeline," not in log and not (root / "runs" / "sm").exists()
+
+
+def test_a_failed_optional_stage_is_set_aside_under_a_deadline(comp, tmp_path, capsys):
+    """With --deadline-s, 02_pseudo failing (bad input: fewer k-means clusters than classes) costs only
+    itself: its folder is kept as 02_pseudo.failed, 05_heads reads the ssl embeddings, 06_submit
+    submits, and the exit status is still the failed stage's."""
+    tiny = TINY.replace("pseudo.rounds=0 pseudo.kmeans_clusters=20", "pseudo.rounds=0 pseudo.kmeans_clusters=5")
+    code, _ = run_script("bench.py", "pipeline", *tiny.split(), f"data.path={comp}", "run.skip_stages=[metric,meta]",
+                         f"run.root={tmp_path}/runs", f"run.submissions_dir={tmp_path}/subs", "bench.ssl_probe_steps=0",
+                         "--run", "opt", "--deadline-s", "3600", "--no-roof", capsys=capsys)
+    assert code == 2
+    run = tmp_path / "runs" / "opt"
+    bench = json.loads((run / "bench.json").read_text())
+    assert bench["status"] == "ok without 02_pseudo (failed)"
+    assert [(r["stage"], r["status"]) for r in bench["stages"]] == [
+        ("00_prepare", "ok"), ("01_ssl", "ok"), ("02_pseudo", "failed"), ("03_metric", "skipped"),
+        ("04_meta", "skipped"), ("05_heads", "ok"), ("06_submit", "ok")]
+    assert (run / "02_pseudo.failed").is_dir() and not (run / "02_pseudo").exists()
+    assert json.loads((run / "05_heads" / "_done.json").read_text())["summary"]["embeddings"] == "ssl"
+    assert bench["submission"]["path"] and Path(bench["submission"]["path"]).exists()
+
+
 @pytest.mark.parametrize("override, message", [
     ("bench.max_gpu_memory_gb=-1", "bench.max_gpu_memory_gb: must be >= 0, got -1"),
     ("bench.budget_s=-5", "bench.budget_s: must be >= 0"),

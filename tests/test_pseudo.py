@@ -303,3 +303,45 @@ def test_pseudo_stage_end_to_end_with_resume(comp, digits_folder, tmp_path, monk
     assert not (paths.pseudo_round(1) / "ckpt").exists()
     assert set(summary["rounds"]) == {"0", "1"} and "prec@0.8" in summary["rounds"]["0"]
     assert (paths.stage("pseudo") / "summary.csv").exists() and paths.plot("pseudo", "precision_coverage").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# self-training fitted to a time budget
+# ---------------------------------------------------------------------------------------------
+def test_fit_total_steps_known_answers():
+    from src.pseudo.selftrain import fit_total_steps
+
+    # 25 steps took 3 s; 1 s left at 0.05 s per step: floor(0.95 / 0.05) = 19 more
+    assert fit_total_steps(4.0, 3.0, 0.05, 25, 60) == 44
+    assert fit_total_steps(100.0, 3.0, 0.05, 25, 60) == 60  # never longer than configured
+    assert fit_total_steps(2.0, 3.0, 0.05, 25, 60) == 26  # over budget already: one more step ends it
+
+
+def test_self_train_fits_its_budget_and_resumes_fitted(tmp_path, monkeypatch):
+    """A fake clock (1 s per reading) makes the fit exact: t_round 0, epoch start 1, FIT_FROM 2,
+    FIT_AT 3 -> 0.05 s per step, 3 s spent, budget 4 s -> 25 + 19 = 44 of the 2 x 30 steps."""
+    import itertools
+    import types
+
+    import src.pseudo.selftrain as st
+    from src.models.encoder import Encoder
+
+    cfg = load_config(None, ["run.device=cpu", "run.progress=false", "pseudo.self_train_epochs=2",
+                             "pseudo.self_train_batch_size=2", "pseudo.unlabeled_ratio=2",
+                             "pseudo.self_train_budget_s=4", "pseudo.self_train_warmup_epochs=0.5"])
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(140, 32, 32, 3), dtype=np.uint8)
+    torch.manual_seed(0)
+    enc = Encoder(BackboneCfg(name="resnet18", width=4), 32)
+    model = st.Classifier(enc, st.make_head("cosine", enc.dim, 10, 0.05, None))
+    clock = itertools.count()
+    monkeypatch.setattr(st, "time", types.SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    log_path = tmp_path / "train.jsonl"
+    _, log = st.self_train(cfg, model, images, np.arange(20), np.arange(20) % 10, np.arange(20, 140), CPU,
+                           tmp_path / "ckpt", log_path)
+    assert [r["steps"] for r in log] == [30, 14] and {r["total_steps"] for r in log} == {44}
+    assert log[-1]["lr"] < log[0]["lr"]  # the cosine was recomputed to end at the fitted total
+    # Resume after the round: the fitted length comes from the checkpoint, nothing more is trained.
+    _, again = st.self_train(cfg, model, images, np.arange(20), np.arange(20) % 10, np.arange(20, 140), CPU,
+                             tmp_path / "ckpt", log_path)
+    assert [r["steps"] for r in again] == [30, 14]

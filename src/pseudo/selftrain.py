@@ -9,6 +9,10 @@ One step (per process; B = pseudo.self_train_batch_size / world, mu = pseudo.unl
                      where its confidence >= threshold (fixed, or FreeMatch self-adaptive) (L_u)
     loss = L_x + consistency_weight * L_u;  one forward pass over the concatenated 1+2mu batches.
 
+With pseudo.self_train_budget_s > 0 the round is fitted to that many wall seconds: steps FIT_FROM..FIT_AT
+are timed (after cuDNN's autotuning and the allocator's growth) and the total becomes what fits
+(:func:`fit_total_steps`); the warm-up + cosine schedule is recomputed for it.
+
 The EMA of the weights (momentum pseudo.ema, ramped up as min(ema, (1+t)/(10+t)) so short runs
 still move it) embeds the images and predicts afterwards. Images stay uint8 on the device and are
 augmented there in batches (src.augment); bf16 autocast on CUDA; channels_last; optional
@@ -20,6 +24,7 @@ Under torchrun each process draws its own batches (DDP averages the gradients).
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 
@@ -70,6 +75,17 @@ def make_head(kind: str, dim: int, n_classes: int, temperature: float, prototype
     return nn.Linear(dim, n_classes)
 
 
+FIT_FROM, FIT_AT = 5, 25  # steps timed for the budget fit (pseudo.self_train_budget_s)
+
+
+def fit_total_steps(budget_s: float, elapsed_s: float, seconds_per_step: float, done: int, total: int) -> int:
+    """Steps of a round that fit budget_s: the `done` steps took elapsed_s; the rest run at
+    seconds_per_step, with 5 % left for the per-epoch checkpoints. Never more than `total`, never
+    fewer than done + 1."""
+    more = math.floor(0.95 * max(budget_s - elapsed_s, 0.0) / max(seconds_per_step, 1e-9) + 1e-9)
+    return int(max(done + 1, min(total, done + more)))
+
+
 def ema_momentum(base: float, step: int) -> float:
     """Ramp-up used by mean teacher / TF ExponentialMovingAverage(num_updates)."""
     return min(base, (1.0 + step) / (10.0 + step))
@@ -86,7 +102,8 @@ def self_train(cfg: Config, model: Classifier, images: np.ndarray, train_rows: n
     steps = steps_per_epoch(len(unlabeled_rows), ubatch, info.world, p.max_steps_per_epoch)
     total = steps * p.self_train_epochs
     base_lr = p.self_train_lr * p.self_train_batch_size / 64  # linear scaling from FixMatch's B = 64
-    lrs = warmup_cosine(base_lr, total, int(p.self_train_warmup_epochs * steps))
+    warmup = int(p.self_train_warmup_epochs * steps)
+    lrs = warmup_cosine(base_lr, total, warmup)
     channels_last = use_channels_last(cfg.run.channels_last, device, model)
 
     model = model.to(device)
@@ -102,6 +119,10 @@ def self_train(cfg: Config, model: Classifier, images: np.ndarray, train_rows: n
     ckpt = Checkpointer(ckpt_dir)
     state = ckpt.load(pair, optimizer, device)
     start = int(state["epoch"]) if state else 0
+    fitting = p.self_train_budget_s > 0 and steps > FIT_AT
+    if state and "total_steps" in state:  # a fitted round resumes with its fitted length
+        total, fitting = int(state["total_steps"]), False
+        lrs = warmup_cosine(base_lr, total, min(warmup, total // 2))
     if state and "sat" in state:
         sat.load_state_dict(state["sat"])
     if cfg.run.compile:
@@ -119,7 +140,10 @@ def self_train(cfg: Config, model: Classifier, images: np.ndarray, train_rows: n
 
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     ema_buffers, model_buffers = list(ema.buffers()), list(model.buffers())
+    t_round = time.perf_counter()
     for epoch in range(start, p.self_train_epochs):
+        if epoch * steps >= total:
+            break
         net.train()
         g = torch.Generator(device=device).manual_seed((cfg.run.seed * 1_000_003 + round_no * 1009 + epoch) * 64
                                                        + info.rank)
@@ -130,6 +154,22 @@ def self_train(cfg: Config, model: Classifier, images: np.ndarray, train_rows: n
         for s in tqdm(range(steps), desc=f"self-train r{round_no} {epoch + 1}/{p.self_train_epochs}",
                       disable=not (cfg.run.progress and info.is_main), mininterval=2):
             step = epoch * steps + s
+            if step >= total:
+                break
+            if fitting and step in (FIT_FROM, FIT_AT):
+                sync(device)
+                if step == FIT_FROM:
+                    t_fit = time.perf_counter()
+                else:
+                    now = time.perf_counter()
+                    per_step = torch.tensor((now - t_fit) / (FIT_AT - FIT_FROM), dtype=torch.float64, device=device)
+                    per_step = float(all_reduce_mean(per_step))  # every rank fits the same total
+                    total = fit_total_steps(p.self_train_budget_s, now - t_round, per_step, step, total)
+                    lrs = warmup_cosine(base_lr, total, min(warmup, total // 2))
+                    fitting = False
+                    if info.is_main:
+                        print(f"self-train r{round_no}: {per_step:.3f} s per step; {total} of "
+                              f"{steps * p.self_train_epochs} steps fit {p.self_train_budget_s:.0f} s", flush=True)
             set_lr(optimizer, float(lrs[step]))
             pick = torch.randint(len(pool), (batch,), device=device, generator=g)
             xl = weak(gpu_images[pool[pick]], g)
@@ -158,14 +198,16 @@ def self_train(cfg: Config, model: Classifier, images: np.ndarray, train_rows: n
             sums += torch.stack([loss.detach(), loss_x.detach(), loss_u.detach(), mask.mean()])
         sync(device)
         seconds = time.perf_counter() - t0
-        mean = (all_reduce_mean(sums) / max(steps, 1)).tolist()
+        done = min(steps, total - epoch * steps)  # the last epoch of a fitted round is partial
+        mean = (all_reduce_mean(sums) / max(done, 1)).tolist()
         record = {"round": round_no, "epoch": epoch + 1, "loss": round(mean[0], 5), "loss_x": round(mean[1], 5),
-                  "loss_u": round(mean[2], 5), "mask_rate": round(mean[3], 4), "lr": float(lrs[step]),
+                  "loss_u": round(mean[2], 5), "mask_rate": round(mean[3], 4), "lr": float(lrs[min(step, total - 1)]),
                   "seconds": round(seconds, 2),
-                  "images_per_s": round(steps * (batch + 2 * ubatch) * info.world / max(seconds, 1e-9), 1)}
+                  "images_per_s": round(done * (batch + 2 * ubatch) * info.world / max(seconds, 1e-9), 1),
+                  "steps": done, "total_steps": total}
         log.append(record)
         if info.is_main:
-            ckpt.save(epoch + 1, pair, optimizer, sat=sat.state_dict(), steps_per_epoch=steps)
+            ckpt.save(epoch + 1, pair, optimizer, sat=sat.state_dict(), steps_per_epoch=steps, total_steps=total)
             if log_path:
                 io.append_jsonl(log_path, record)
         barrier()

@@ -72,7 +72,8 @@ def validate(cfg: Config) -> None:
             raise UserError(f"pseudo.{key}: must be positive, got {getattr(p, key)}")
     for key in ("rounds", "cpu_threads", "self_train_epochs", "scan_epochs", "scan_self_label_epochs", "scan_clusters",
                 "prototype_refine_iters", "max_steps_per_epoch", "self_train_warmup_epochs",
-                "self_train_weight_decay", "consistency_weight", "propagation_gamma", "scan_entropy_weight"):
+                "self_train_weight_decay", "consistency_weight", "propagation_gamma", "scan_entropy_weight",
+                "self_train_budget_s"):
         if getattr(p, key) < 0:
             raise UserError(f"pseudo.{key}: must be >= 0, got {getattr(p, key)}")
     if p.self_train_batch_size % dist_info().world:
