@@ -11,10 +11,12 @@ from src.cli import config_parser, guarded
 from src.config import load_config
 from src.cv import format_cv_table
 from src.errors import UserError
+from src.estimate import check_estimator
 from src.paths import RunPaths
 
 
 def main(cfg) -> None:
+    check_estimator(cfg.cv.estimator)
     paths = RunPaths(cfg)
     if not paths.cv_report.exists():
         raise UserError(f"{paths.cv_report}: no CV report (run pipelines/05_heads.py first)")

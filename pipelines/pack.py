@@ -18,8 +18,8 @@ from src.paths import STAGE_DIRS
 
 
 def out(args) -> int:
-    if args.encoder_stage not in STAGE_DIRS:
-        raise UserError(f"--encoder-stage: unknown stage '{args.encoder_stage}' (known: {', '.join(STAGE_DIRS)})")
+    if args.encoder_stage != "auto" and args.encoder_stage not in STAGE_DIRS:
+        raise UserError(f"--encoder-stage: unknown stage '{args.encoder_stage}' (known: auto, {', '.join(STAGE_DIRS)})")
     result = pack_outputs(load_config(args.config, args.overrides), Path(args.out), args.encoder_stage)
     for name, size in result["written"].items():
         print(f"pack: {name} {size / 2**20:.2f} MiB")
@@ -41,7 +41,8 @@ if __name__ == "__main__":
     p.add_argument("-c", "--config", help="experiment YAML")
     p.add_argument("overrides", nargs="*", help="section.key=value overrides (run.name=RUN)")
     p.add_argument("--out", required=True, help="folder to write ($OUT on the device)")
-    p.add_argument("--encoder-stage", default="ssl", help="whose encoder to return (default ssl)")
+    p.add_argument("--encoder-stage", default="auto",
+                   help="whose encoder to return (default auto: the latest of metric, pseudo, ssl that wrote one)")
     p.set_defaults(fn=out)
     p = sub.add_parser("join", help="encoder shards -> encoder.safetensors + encoder.json")
     p.add_argument("shards", help="folder holding encoder-K-of-N.safetensors")

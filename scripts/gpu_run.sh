@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command a lent GPU session runs (`make gpu`): the whole pipeline of configs/cifar_gpu.yaml,
+# The one command a lent GPU session runs (`make gpu`, on configs/cifar_gpu_pretrained.yaml): the whole pipeline of CONFIG,
 # measured by `pipelines/bench.py pipeline`, with its results packed into $OUT within the device
 # tool's return limits (8 files, 16 MiB each; see src/export.py).
 #
@@ -16,7 +16,7 @@
 # OVERRIDES="" (extra section.key=value, space-separated), RUN=<config name>_bench, PYTHON=python3,
 # WHEELS=.device/wheels, SITE=/tmp/site, ARCHIVE=.device/data/competition.tar.xz,
 # TRUTH=.device/data/public_truth.csv (each used when the file exists), DEADLINE_S=570,
-# ENCODER_STAGE=ssl, SMOKE="" (overrides of a tiny run <RUN>_smoke made first, at most SMOKE_S=150 s:
+# ENCODER_STAGE=auto (the latest stage's encoder), SMOKE="" (overrides of a tiny run <RUN>_smoke made first, at most SMOKE_S=150 s:
 # when it fails the full run is not started; the deadline counts from this script's start). The test suite runs this script on CPU with a tiny config (tests/test_bench.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,7 @@ SITE=${SITE:-/tmp/site}
 ARCHIVE=${ARCHIVE:-.device/data/competition.tar.xz}
 TRUTH=${TRUTH:-.device/data/public_truth.csv}
 DEADLINE_S=${DEADLINE_S:-570}
-ENCODER_STAGE=${ENCODER_STAGE:-ssl}
+ENCODER_STAGE=${ENCODER_STAGE:-auto}
 SMOKE=${SMOKE:-}
 SMOKE_S=${SMOKE_S:-150}
 mkdir -p "$OUT"

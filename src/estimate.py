@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from src.cv import wilson_interval
+from src.errors import UserError
 from src.registry import Registry
 
 Z95 = 1.96
@@ -136,6 +137,12 @@ class EstimateContext:
 
 
 ESTIMATORS = Registry("estimator")
+
+
+def check_estimator(name: str, key: str = "cv.estimator") -> None:
+    """UserError naming `key` when `name` is no registered estimator (config validation)."""
+    if name not in ESTIMATORS:
+        raise UserError(f"{key}: unknown estimator '{name}' (known: {', '.join(ESTIMATORS.names())})")
 
 
 @ESTIMATORS.register("loo")

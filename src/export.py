@@ -161,7 +161,7 @@ def check_out_dir(out_dir: Path) -> list[str]:
     return problems
 
 
-def pack_outputs(cfg: Config, out_dir: Path, encoder_stage: str = "ssl") -> dict:
+def pack_outputs(cfg: Config, out_dir: Path, encoder_stage: str = "auto") -> dict:
     """Write what exists of the run into out_dir within the limits; returns {name: bytes} and the
     list of what is missing or was dropped."""
     paths = RunPaths(cfg)
@@ -199,6 +199,8 @@ def pack_outputs(cfg: Config, out_dir: Path, encoder_stage: str = "ssl") -> dict
     put(paths.run / "bench.md", "summary.md")
     sub = paths.submission("ensemble")
     put(sub, "submission.csv")
+    if encoder_stage == "auto":  # the latest encoder: what the submission's embeddings came from
+        encoder_stage = next((k for k in ("metric", "pseudo", "ssl") if paths.encoder(k).exists()), "ssl")
     weights = paths.encoder(encoder_stage)
     if weights.exists():
         staging = out_dir / ".shards"  # dot-folder: removed below, never returned

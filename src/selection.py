@@ -414,6 +414,9 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     paths = RunPaths(cfg)
     members = list(members or cfg.heads.heads)
     check_members(members)
+    from src.estimate import check_estimator
+
+    check_estimator(cfg.cv.estimator)
     params = RuleParams.from_config(cfg.ensemble, cfg.run.seed, cfg.cv.estimator)
     if not rules:  # every rule that can run on these members
         trans, pref = any(is_transductive(n) for n in members), any(n in members for n in params.preferred)

@@ -215,6 +215,23 @@ def test_pack_shards_the_encoder_and_respects_the_limits(tmp_path):
     assert back["w0"].dtype == torch.float32 and torch.equal(back["w0"], state["w0"].half().float())
 
 
+def test_pack_returns_the_latest_stage_encoder_by_default(tmp_path):
+    cfg, _ = _fake_run(tmp_path, 1000)
+    pseudo = tmp_path / "runs" / "r" / "02_pseudo"
+    pseudo.mkdir()
+    io.save_tensors(pseudo / "encoder.safetensors", {"tuned": torch.ones(3)})
+    io.write_json(pseudo / "encoder.json", {"backbone": {"name": "tuned"}, "image_size": 32})
+    out = tmp_path / "OUT"
+    out.mkdir()
+    pack_outputs(cfg, out)  # auto: 02_pseudo's encoder, the one the submission's embeddings came from
+    weights, spec = join_encoder_shards(out, tmp_path / "back")
+    assert io.read_json(spec)["backbone"]["name"] == "tuned" and set(io.load_tensors(weights)) == {"tuned"}
+    again = tmp_path / "OUT2"
+    again.mkdir()
+    pack_outputs(cfg, again, "ssl")  # named: that stage's
+    assert io.read_json(join_encoder_shards(again, tmp_path / "back2")[1])["backbone"]["name"] == "x"
+
+
 def test_pack_drops_what_does_not_fit_and_reports_it(tmp_path):
     cfg, _ = _fake_run(tmp_path, 10_000_000)
     out = tmp_path / "OUT"

@@ -119,3 +119,25 @@ def test_point_estimates_equal_the_values_with_intervals():
     for name in ESTIMATORS.names():
         e, p = ESTIMATORS.get(name)(probs[0], oof[0], full), ESTIMATORS.get(name)(probs[0], oof[0], point)
         assert p.value == pytest.approx(e.value), name
+
+
+@pytest.mark.parametrize("script, args", [("cv.py", []), ("redraw.py", ["--draws", "2"])])
+def test_an_unknown_estimator_exits_2_with_one_line_before_any_work(script, args, tmp_path, capsys):
+    from conftest import run_script
+
+    code, err = run_script(script, "cv.estimator=oracle", f"run.root={tmp_path}/runs", *args, capsys=capsys)
+    assert code == 2
+    assert err.strip().splitlines() == ["error: cv.estimator: unknown estimator 'oracle' (known: "
+                                        + ", ".join(ESTIMATORS.names()) + ")"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_stages_that_print_estimates_check_the_estimator_name():
+    from src.config import load_config
+    from src.errors import UserError
+    from src.stages import heads, submit
+
+    cfg = load_config(None, ["cv.estimator=oracle"])
+    for stage in (heads, submit):
+        with pytest.raises(UserError, match="cv.estimator: unknown estimator 'oracle'"):
+            stage.validate(cfg)

@@ -38,13 +38,13 @@ from tqdm import tqdm
 
 from src import io
 from src.config import Config
-from src.cv import (cv_summary, episodic_estimate, format_cv_table, leave_one_out, public_truth,
+from src.cv import (cv_summary, episodic_estimate, format_cv_table, format_interval, leave_one_out, public_truth,
                     support_redraws, truth_accuracy)
 from src.data import CompetitionData, load_data, near_duplicates
 from src.data.competition import read_label_table
 from src.ensemble import check_folds, group_folds, group_oof
 from src.errors import UserError
-from src.estimate import EstimateContext, estimate_all
+from src.estimate import EstimateContext, check_estimator, estimate_all
 from src.heads import HEADS, l2_normalize, loads_saved_encoder
 from src.paths import RunPaths
 from src.runtime import resolve_device
@@ -253,6 +253,7 @@ def head_outputs(name: str, cfg: Config, h: HeadInputs, table: pd.DataFrame | No
 
 
 def validate(cfg: Config) -> None:
+    check_estimator(cfg.cv.estimator)  # the estimate column of the CV table
     for name in cfg.heads.heads:
         HEADS.get(name)  # unknown head -> UserError listing the known ones
     if not cfg.heads.heads:
@@ -405,7 +406,7 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
     io.append_jsonl(paths.log("heads"), {"head": name, **{k: record[k] for k in ("seconds", "test_accuracy")},
                                          "loo_accuracy": record["loo"]["accuracy"]})
     loo = record["loo"]
-    print(f"  {name}: LOO {loo['accuracy']:.3f} [{loo['interval'][0]:.2f}, {loo['interval'][1]:.2f}]"
+    print(f"  {name}: LOO {format_interval(loo['accuracy'], loo['interval'])}"
           + ("" if record["test_accuracy"] is None else f"  test {record['test_accuracy']:.4f}")
           + f"  ({record['seconds']:.1f}s)")
     return record

@@ -30,7 +30,7 @@ from torch import nn
 
 from src import io
 from src.config import Config
-from src.cv import cv_summary, leave_one_out, public_truth, truth_accuracy
+from src.cv import cv_summary, format_interval, leave_one_out, public_truth, truth_accuracy
 from src.data import CompetitionData, load_data
 from src.errors import UserError
 from src.meta import META_METHODS
@@ -273,7 +273,7 @@ def run_and_save(name: str, inp: MetaInputs, paths: RunPaths) -> dict:
     io.append_jsonl(paths.log("meta"), {"method": name, "loo_accuracy": record["loo"]["accuracy"],
                                         "test_accuracy": record["test_accuracy"], "seconds": record["seconds"]})
     loo = record["loo"]
-    print(f"  {name}: LOO {loo['accuracy']:.3f} [{loo['interval'][0]:.2f}, {loo['interval'][1]:.2f}]"
+    print(f"  {name}: LOO {format_interval(loo['accuracy'], loo['interval'])}"
           + ("" if record["test_accuracy"] is None else f"  test {record['test_accuracy']:.4f}")
           + f"  ({record['seconds']:.1f}s, {record['peak_memory_mb']:.0f} MiB)", flush=True)
     return record

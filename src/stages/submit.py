@@ -22,7 +22,7 @@ from src.cv import cv_summary, format_interval, public_truth, truth_accuracy
 from src.data import CompetitionData, load_data
 from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, applicable, apply_rules, check_rule, log_loss
 from src.errors import UserError
-from src.estimate import ESTIMATORS, EstimateContext, estimate_all
+from src.estimate import EstimateContext, check_estimator, estimate_all
 from src.paths import RunPaths
 from src.stages import Stage
 from src.submission import write_submission
@@ -33,8 +33,7 @@ SOURCES = ("heads", "meta")
 def validate(cfg: Config) -> None:
     e = cfg.ensemble
     check_rule(e.method)
-    if cfg.cv.estimator not in ESTIMATORS:
-        raise UserError(f"cv.estimator: unknown estimator '{cfg.cv.estimator}' (known: {', '.join(ESTIMATORS.names())})")
+    check_estimator(cfg.cv.estimator)
     if not e.auto_candidates:
         raise UserError("ensemble.auto_candidates: empty list (name at least one rule)")
     for name in e.auto_candidates:
