@@ -81,12 +81,12 @@ def test_gpu_run_dry_run_on_cpu(archive, digits_folder, tmp_path):
     with tarfile.open(out / "run.tar.gz") as tar:
         members = tar.getnames()
     assert "pipeline.jsonl" in members and "submissions/dry__ensemble.json" in members
-    # the returned encoder loads back (fp16-rounded weights of 01_ssl)
+    # the returned encoder loads back: fp16-rounded weights of the latest stage's (03_metric here)
     from src.models.encoder import load_encoder
 
     weights, spec = join_encoder_shards(out, tmp_path / "joined")
     encoder = load_encoder(weights, spec)
-    original = io.load_tensors(root / "runs" / "dry" / "01_ssl" / "encoder.safetensors")
+    original = io.load_tensors(root / "runs" / "dry" / "03_metric" / "encoder.safetensors")
     for name, value in encoder.state_dict().items():
         assert value.dtype == original[name].dtype
         assert torch.equal(value, original[name].to(torch.float16).to(value.dtype) if value.is_floating_point()

@@ -121,7 +121,8 @@ def test_point_estimates_equal_the_values_with_intervals():
         assert p.value == pytest.approx(e.value), name
 
 
-@pytest.mark.parametrize("script, args", [("cv.py", []), ("redraw.py", ["--draws", "2"])])
+@pytest.mark.parametrize("script, args", [("05_heads.py", []), ("06_submit.py", []), ("cv.py", []),
+                                          ("redraw.py", ["--draws", "2"])])
 def test_an_unknown_estimator_exits_2_with_one_line_before_any_work(script, args, tmp_path, capsys):
     from conftest import run_script
 

@@ -45,6 +45,9 @@ class Stage:
     after: tuple[str, ...] = ()  # upstream stages that must be done
     optional_after: tuple[str, ...] = ()  # upstream stages used when they ran (fingerprinted)
     lr_find: Callable[[Config, RunPaths], dict] | None = None
+    # the config checks types alone cannot make; run first, so a bad key is reported before a missing
+    # upstream stage and before any work
+    validate: Callable[[Config], None] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -93,6 +96,8 @@ def skip_stage(stage: Stage, cfg: Config) -> None:
 
 
 def run_stage(stage: Stage, cfg: Config, force: bool = False, lr_find: bool = False) -> dict:
+    if stage.validate is not None:
+        stage.validate(for_stage(cfg, stage.key))
     paths = RunPaths(cfg)
     fp = fingerprint(stage, cfg, paths)
     stage_dir = paths.stage(stage.key)

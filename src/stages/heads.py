@@ -451,4 +451,4 @@ def _predict_test(h: HeadInputs, head, use_pseudo: bool) -> np.ndarray:
 
 
 STAGE = Stage(key="heads", title="few-shot heads and local CV", sections=("data", "heads", "cv", "dedup"), run=run,
-              after=("ssl",), optional_after=("pseudo", "metric", "meta"))
+              after=("ssl",), optional_after=("pseudo", "metric", "meta"), validate=validate)

@@ -294,4 +294,4 @@ def run(cfg: Config, paths: RunPaths) -> dict:
 
 
 STAGE = Stage(key="meta", title="meta-learning and pairwise methods", sections=("meta",), run=run,
-              after=("prepare", "ssl"), optional_after=("pseudo", "metric"))
+              after=("prepare", "ssl"), optional_after=("pseudo", "metric"), validate=validate)

@@ -265,4 +265,4 @@ def finish(cfg: Config, paths: RunPaths, summaries: dict[int, dict]) -> dict:
 
 
 STAGE = Stage(key=STAGE_KEY, title="pseudo-labels: label, select, self-train (rounds)",
-              sections=("data", "pseudo"), run=run, after=("ssl",))
+              sections=("data", "pseudo"), run=run, after=("ssl",), validate=validate)

@@ -304,4 +304,4 @@ def print_table(rows: dict[str, dict], truth_name: str, redraw_note: str = "", e
 
 STAGE = Stage(key="submit", title="ensemble, submissions and run report",
               sections=("data", "ensemble", "cv", "dedup"), run=run,
-              after=("heads",), optional_after=("meta",))
+              after=("heads",), optional_after=("meta",), validate=validate)
