@@ -120,6 +120,9 @@ def self_train(cfg: Config, model: Classifier, images: np.ndarray, train_rows: n
     state = ckpt.load(pair, optimizer, device)
     start = int(state["epoch"]) if state else 0
     fitting = p.self_train_budget_s > 0 and steps > FIT_AT
+    if p.self_train_budget_s > 0 and not fitting and info.is_main:
+        print(f"self-train r{round_no}: {steps} steps per epoch are too few to time (the fit needs > {FIT_AT}); "
+              f"pseudo.self_train_budget_s is not applied", flush=True)
     if state and "total_steps" in state:  # a fitted round resumes with its fitted length
         total, fitting = int(state["total_steps"]), False
         lrs = warmup_cosine(base_lr, total, min(warmup, total // 2))
