@@ -11,12 +11,10 @@ Rerunning an interrupted run resumes from its last epoch checkpoint."""
 import _bootstrap  # noqa: F401
 
 from src.cli import stage_cli
-from src.metric.train import validate
 from src.stages import get_stage, run_stage
 
 
 def main(cfg, force=False, lr_find=False):
-    validate(cfg)  # bad settings fail before the runner touches the stage directory
     return run_stage(get_stage("metric"), cfg, force=force, lr_find=lr_find)
 
 

@@ -22,6 +22,7 @@ from scipy.stats import rankdata
 from sklearn.model_selection import GroupKFold
 
 from src.errors import UserError
+from src.estimate import ESTIMATORS, EstimateContext
 
 EPS = 1e-6
 
@@ -308,8 +309,6 @@ def rule_estimated(m: Members, p: RuleParams) -> Combined:
     """The single member with the highest accuracy estimate (src/estimate.py, p.estimator), which
     reads the test images as well as the labeled ones; CV nested: row i's member is the one ranked
     first with row i left out of the labeled rows."""
-    from src.estimate import ESTIMATORS, EstimateContext
-
     estimator = ESTIMATORS.get(p.estimator)
 
     def ranked_first(rows: np.ndarray) -> int:

@@ -157,7 +157,7 @@ def est_confidence(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> E
     (|LOO confidence - LOO accuracy|, at least one binomial standard error) either side."""
     conf = top_confidence(test)
     value = float(conf.mean())
-    acc = float((np.asarray(oof).argmax(1) == ctx.y).mean())
+    acc = est_loo(test, oof, ctx).value
     gap = max(abs(float(top_confidence(oof).mean()) - acc), np.sqrt(acc * (1 - acc) / len(ctx.y)))
     return Estimate(value, *_clip(value - gap, value + gap))
 

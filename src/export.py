@@ -32,7 +32,7 @@ import torch
 from src import io
 from src.config import Config
 from src.errors import UserError
-from src.paths import RunPaths
+from src.paths import ENCODER_STAGES, RunPaths
 
 MIB = 2**20
 MAX_FILES = 8
@@ -200,7 +200,7 @@ def pack_outputs(cfg: Config, out_dir: Path, encoder_stage: str = "auto") -> dic
     sub = paths.submission("ensemble")
     put(sub, "submission.csv")
     if encoder_stage == "auto":  # the latest encoder: what the submission's embeddings came from
-        encoder_stage = next((k for k in ("metric", "pseudo", "ssl") if paths.encoder(k).exists()), "ssl")
+        encoder_stage = next((k for k in ENCODER_STAGES if paths.encoder(k).exists()), "ssl")
     weights = paths.encoder(encoder_stage)
     if weights.exists():
         staging = out_dir / ".shards"  # dot-folder: removed below, never returned

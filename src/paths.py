@@ -23,6 +23,7 @@ from pathlib import Path
 from src.config import STAGES, Config
 
 STAGE_DIRS = {key: f"{i:02d}_{key}" for i, key in enumerate(STAGES)}  # "ssl" -> "01_ssl"
+ENCODER_STAGES = ("metric", "pseudo", "ssl")  # the stages that write an encoder and embeddings, latest first
 
 
 class RunPaths:

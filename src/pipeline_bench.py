@@ -48,6 +48,7 @@ from pathlib import Path
 
 from src import io
 from src.config import Config, load_config
+from src.cv import format_interval
 from src.paths import STAGE_DIRS, RunPaths
 from src.runtime import REPO_ROOT, git_commit, machine_info, resolve_device
 
@@ -451,12 +452,12 @@ def _summary_lines(result: dict) -> list[str]:
         if sub.get("method"):
             text += f" (ensemble:{sub['method']})"
         if sub.get("estimate") is not None:
-            lo, hi = sub.get("estimate_interval") or [float("nan")] * 2
-            text += f": estimated accuracy {sub['estimate']:.3f} [{lo:.2f}, {hi:.2f}] ({sub.get('estimator')})"
+            interval = sub.get("estimate_interval") or [float("nan")] * 2
+            text += f": estimated accuracy {format_interval(sub['estimate'], interval)} ({sub.get('estimator')})"
         if sub.get("local_cv") is not None:
-            lo, hi = sub.get("local_cv_interval") or [float("nan")] * 2
+            interval = sub.get("local_cv_interval") or [float("nan")] * 2
             text += (", LOO" if sub.get("estimate") is not None else ": local CV")
-            text += f" {sub['local_cv']:.3f} [{lo:.2f}, {hi:.2f}] (n = {sub.get('local_cv_n')})"
+            text += f" {format_interval(sub['local_cv'], interval)} (n = {sub.get('local_cv_n')})"
         if sub.get("truth_accuracy") is not None:
             text += f"; public-truth accuracy **{sub['truth_accuracy']:.4f}** ({sub['truth_n']:,} images of {sub['truth_file']})"
         lines.append(text)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ from src.data import CompetitionData, load_data
 from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, check_rule
 from src.ensemble import apply_rules as ensemble_rules
 from src.errors import UserError
+from src.estimate import ESTIMATORS, EstimateContext, check_estimator, estimate_all
 from src.paths import RunPaths
 
 # ---------------------------------------------------------------------------------------------
@@ -200,8 +202,6 @@ def score_draw(members: Members, combined: dict[str, dict], truth: np.ndarray,
     """Per member and rule: test accuracy against `truth` (T,) (rows of -1: not scored), local CV (LOO)
     with its Wilson interval, and every accuracy estimator of src/estimate.py (which sees the members
     and the labeled images, never `truth`)."""
-    from src.estimate import ESTIMATORS, EstimateContext, estimate_all
-
     truth = np.asarray(truth)
     ctx = EstimateContext(list(members.probs), list(members.oof), members.y)
     names = estimators if estimators is not None else ESTIMATORS.names()
@@ -351,8 +351,6 @@ def format_markdown(agg: dict, title: str = "") -> str:
 def _fingerprint(cfg: Config, paths: RunPaths, n_per_class: int, seed: int, pool_split: str = "train") -> str:
     from src.runtime import git_commit
 
-    import dataclasses
-
     ssl = io.read_json(paths.done_marker("ssl"))["fingerprint"]
     sections = {s: dataclasses.asdict(getattr(cfg, s)) for s in ("data", "pseudo", "heads", "cv")}
     sections["cv"].pop("estimator")  # what is reported, not how members are computed
@@ -414,8 +412,6 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     paths = RunPaths(cfg)
     members = list(members or cfg.heads.heads)
     check_members(members)
-    from src.estimate import check_estimator
-
     check_estimator(cfg.cv.estimator)
     params = RuleParams.from_config(cfg.ensemble, cfg.run.seed, cfg.cv.estimator)
     if not rules:  # every rule that can run on these members

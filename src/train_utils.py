@@ -390,7 +390,7 @@ def run_stage_distributed(stage, cfg, force: bool = False, lr_find: bool = False
     synchronises with rank 0 (barriers) before reading or training. Only rank 0 writes files."""
     from src.runtime import resolve_device, seed_everything
     from src.paths import RunPaths
-    from src.stages import fingerprint, is_done, run_stage
+    from src.stages import fingerprint, is_done, run_stage, validate_stage
 
     info = init_distributed(resolve_device(cfg.run.device))
     if not info.enabled:
@@ -400,7 +400,8 @@ def run_stage_distributed(stage, cfg, force: bool = False, lr_find: bool = False
     try:
         if info.is_main:
             return run_stage(stage, cfg, force=force)
-        fingerprint(stage, cfg, RunPaths(cfg))  # a missing upstream stage fails here too, not in a barrier
+        validate_stage(stage, cfg)  # bad settings and a missing upstream stage fail here too, not in a barrier
+        fingerprint(stage, cfg, RunPaths(cfg))
         if not force and is_done(stage, cfg, RunPaths(cfg)):
             return {}
         seed_everything(cfg.run.seed)

@@ -271,7 +271,6 @@ def batch_shape(cfg: MetricCfg, n_classes: int) -> tuple[int, int]:
 
 
 def train(cfg: Config, paths: RunPaths) -> dict:
-    validate(cfg)
     device = resolve_device(cfg.run.device)
     with cpu_threads(device, cfg.metric.cpu_threads):
         return _train(cfg, paths, device)

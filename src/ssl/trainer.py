@@ -259,7 +259,6 @@ def _trim_log(path, epochs_done: int) -> None:
 
 
 def setup(cfg: Config, paths: RunPaths) -> tuple[CompetitionData, torch.device]:
-    validate(cfg)
     device = local_device(resolve_device(cfg.run.device))
     barrier()  # rank 0 has prepared the stage directory
     data = load_data(paths)

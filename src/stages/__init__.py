@@ -95,9 +95,14 @@ def skip_stage(stage: Stage, cfg: Config) -> None:
     print(f"[{stage.dirname}] left out (run.skip_stages)")
 
 
-def run_stage(stage: Stage, cfg: Config, force: bool = False, lr_find: bool = False) -> dict:
+def validate_stage(stage: Stage, cfg: Config) -> None:
+    """The stage's config checks (Stage.validate): before its upstream check and any work."""
     if stage.validate is not None:
         stage.validate(for_stage(cfg, stage.key))
+
+
+def run_stage(stage: Stage, cfg: Config, force: bool = False, lr_find: bool = False) -> dict:
+    validate_stage(stage, cfg)
     paths = RunPaths(cfg)
     fp = fingerprint(stage, cfg, paths)
     stage_dir = paths.stage(stage.key)

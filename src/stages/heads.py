@@ -46,23 +46,21 @@ from src.ensemble import check_folds, group_folds, group_oof
 from src.errors import UserError
 from src.estimate import EstimateContext, check_estimator, estimate_all
 from src.heads import HEADS, l2_normalize, loads_saved_encoder
-from src.paths import RunPaths
+from src.paths import ENCODER_STAGES, RunPaths
 from src.runtime import resolve_device
 from src.stages import Stage
 from src.transductive import TransductiveContext
-
-EMBEDDING_STAGES = ("metric", "pseudo", "ssl")  # latest first
 
 
 def embedding_stage(cfg: Config, paths: RunPaths) -> str:
     """Which stage's embeddings the heads read: heads.embeddings, or the latest that exists."""
     choice = cfg.heads.embeddings
     if choice == "auto":
-        for stage in EMBEDDING_STAGES:
+        for stage in ENCODER_STAGES:
             if paths.done_marker(stage).exists() and paths.embeddings(stage).exists():
                 return stage
         raise UserError(f"{paths.embeddings('ssl')}: no embeddings found (run 01_ssl first)")
-    if choice not in EMBEDDING_STAGES:
+    if choice not in ENCODER_STAGES:
         raise UserError(f"heads.embeddings: expected auto, ssl, pseudo or metric, got '{choice}'")
     if not paths.embeddings(choice).exists():
         raise UserError(f"{paths.embeddings(choice)}: heads.embeddings={choice} but that stage wrote no embeddings")
@@ -272,7 +270,6 @@ def validate(cfg: Config) -> None:
 
 
 def run(cfg: Config, paths: RunPaths) -> dict:
-    validate(cfg)
     data = load_data(paths)
     source = embedding_stage(cfg, paths)
     emb = io.read_npy(paths.embeddings(source))

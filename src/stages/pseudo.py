@@ -180,7 +180,6 @@ def train_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int, emb
 # The stage
 # ---------------------------------------------------------------------------------------------
 def run(cfg: Config, paths: RunPaths) -> dict:
-    validate(cfg)
     device = local_device(resolve_device(cfg.run.device))
     with cpu_threads(device, cfg.pseudo.cpu_threads):
         return _run(cfg, paths, device)

@@ -106,7 +106,6 @@ def load_members(members: dict[str, dict], data: CompetitionData, table: pd.Data
 
 
 def run(cfg: Config, paths: RunPaths) -> dict:
-    validate(cfg)
     e = cfg.ensemble
     data = load_data(paths)
     truth = public_truth(cfg.data.truth, data.test_ids, data.classes)
