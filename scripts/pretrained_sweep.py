@@ -54,7 +54,7 @@ def embeddings(cfg, data, device, out: Path) -> tuple[np.ndarray, dict]:
     t0 = time.perf_counter()
     feats = embed(encoder, data.images, device, cfg.ssl.embed_batch_size, cfg.run.precision,
                   flip_tta=cfg.ssl.embed_flip, channels_last=channels_last,
-                  cpu_bf16=resolve_cpu_bf16(cfg.ssl.cpu_precision))
+                  cpu_bf16=resolve_cpu_bf16(cfg.ssl.cpu_precision), power=cfg.ssl.embed_power)
     seconds = time.perf_counter() - t0
     np.save(out, feats.astype(np.float16))
     passes = len(data.images) * (2 if cfg.ssl.embed_flip else 1)

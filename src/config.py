@@ -130,6 +130,10 @@ class SSLCfg:
     max_steps_per_epoch: int = 0  # >0: cap (smoke tests / scale checks)
     embed_batch_size: int = 1024  # images per forward pass when embedding (small for large model inputs: cache)
     embed_flip: bool = False  # the written embeddings average each image's features with its mirror's
+    # power transform sign(f) |f|^p of each pooled feature before L2 (Hu et al. 2021, eq. 1), in every written
+    # embedding (01_ssl, 02_pseudo, 03_metric); 1: off. On frozen ImageNet EfficientNet-Lite features 0.5
+    # lifted label propagation by 1 point and logistic regression on its labels by 0.7-1.0 (docs/RESULTS.md)
+    embed_power: float = 1.0
     # CPU engine of the final embedding passes: torch | onnxruntime (the encoder exported to ONNX once, run
     # in fp32). EfficientNet-Lite0 at 224x224, 2 cores: ONNX Runtime at batch 64 ran 3.3x the images/s of
     # the best eager PyTorch fp32 setting (channels_last, batch 16) and 1.6x its bf16 autocast on AMX
@@ -525,6 +529,8 @@ def validate(cfg: Config) -> None:
     validate_heads(cfg.heads)
     if cfg.data.image_size <= 0:
         raise UserError(f"data.image_size: must be positive, got {cfg.data.image_size}")
+    if not 0.0 < cfg.ssl.embed_power <= 1.0:
+        raise UserError(f"ssl.embed_power: must be in (0, 1] (1: off), got {cfg.ssl.embed_power}")
     if cfg.dedup.hash_distance < 0 or cfg.dedup.hash_distance > 64:
         raise UserError(f"dedup.hash_distance: must be in [0, 64], got {cfg.dedup.hash_distance}")
     if not -1.0 <= cfg.dedup.embedding_cosine <= 1.0:

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from src.config import Config, load_config, parse_override
@@ -29,10 +31,11 @@ def test_overrides_are_typed():
     ("run.compile=3", "run.compile: expected bool"),
     ("heads.heads=knn", "expected a list"),
     ("pseudo.threshold=1.5", "pseudo.threshold: must be in [0, 1]"),
+    ("ssl.embed_power=0", "ssl.embed_power: must be in (0, 1] (1: off), got 0.0"),
     ("epochs", "expected section.key=value"),
 ])
 def test_bad_overrides(override, message):
-    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_config(None, [override])
 
 

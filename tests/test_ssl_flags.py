@@ -96,10 +96,11 @@ def test_ssl_step_under_cpu_bf16_trains_fp32_weights():
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
-@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
-def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(engine, comp, tmp_path, capsys):
+@pytest.mark.parametrize("engine, power", [("torch", 1.0), ("onnxruntime", 0.5)])
+def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(engine, power, comp, tmp_path, capsys):
     """ssl.epochs=0: no step runs; 01_ssl writes the loaded encoder unchanged and its embeddings
-    (ssl.embed_flip: mean of each image's and its mirror's features), with either CPU engine."""
+    (ssl.embed_flip: mean of each image's and its mirror's features; ssl.embed_power: their power
+    transform before L2), with either CPU engine."""
     if engine == "onnxruntime":
         pytest.importorskip("onnxruntime")
     from conftest import run_script
@@ -114,7 +115,7 @@ def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(engine, comp, tmp_p
     args = [f"run.root={tmp_path / 'runs'}", "run.name=z", "run.device=cpu", "run.progress=false",
             f"data.path={comp}", "backbone.width=4", "backbone.stem_width=8", f"backbone.pretrained={weights}",
             "ssl.epochs=0", "ssl.embed_flip=true", "ssl.batch_size=16", "ssl.proj_hidden=16", "ssl.proj_dim=8",
-            f"ssl.embed_engine={engine}"]
+            f"ssl.embed_engine={engine}", f"ssl.embed_power={power}"]
     assert run_script("00_prepare.py", *args, capsys=capsys)[0] == 0
     assert run_script("01_ssl.py", *args, capsys=capsys)[0] == 0
     stage = tmp_path / "runs/z/01_ssl"
@@ -125,7 +126,11 @@ def test_zero_epochs_embeds_the_pretrained_encoder_as_loaded(engine, comp, tmp_p
     written = np.load(stage / "embeddings.npy").astype(np.float32)
     flipped = embed(source, images, torch.device("cpu"), 256, "fp32", flip_tta=True)
     plain = embed(source, images, torch.device("cpu"), 256, "fp32")
-    np.testing.assert_allclose(written, flipped, atol=2e-3)  # float16 on disk
+    # reference: the power transform of the flip-averaged post-ReLU features, L2-normalised (their scale cancels)
+    expected = flipped ** power / np.linalg.norm(flipped ** power, axis=1, keepdims=True)
+    np.testing.assert_allclose(written, expected, atol=2e-3)  # float16 on disk
+    if power != 1.0:
+        assert np.abs(written - flipped).max() > 1e-2  # the transform changed them
     assert np.abs(written - plain).max() > 1e-2  # the mirror changed them
     assert not (stage / "log.jsonl").exists() or not io.read_jsonl(stage / "log.jsonl")
     assert (stage / "encoder.onnx").exists() == (engine == "onnxruntime")

@@ -356,7 +356,7 @@ def finish(cfg: Config, paths: RunPaths, data: CompetitionData, encoder: nn.Modu
                  extra={"stage": STAGE_KEY, "from": source, "losses": cfg.metric.losses})
     channels_last = use_channels_last(cfg.run.channels_last, device, encoder)
     emb = embed(encoder, data.images, device, EMBED_BATCH, cfg.run.precision, channels_last=channels_last,
-                progress=cfg.run.progress)
+                progress=cfg.run.progress, power=cfg.ssl.embed_power)
     io.write_npy(paths.embeddings(STAGE_KEY), emb.astype(np.float16))
     log = io.read_jsonl(paths.log(STAGE_KEY))
     summary = {"source": source, "train_images": n_train, "epochs": cfg.metric.epochs,

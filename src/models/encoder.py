@@ -38,6 +38,7 @@ from src.config import BackboneCfg
 from src.errors import UserError
 from src.models.weights import WEIGHT_SOURCES, read_weights, resolve  # noqa: F401 - read_weights: re-exported
 from src.registry import Registry
+from src.transductive.core import power_transform
 from src.runtime import autocast
 
 # ImageNet statistics (0..1 units): what to_input normalises with, and most timm weights expect.
@@ -236,10 +237,11 @@ def to_input(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
 @torch.no_grad()
 def embed(encoder: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 1024,
           precision: str = "bf16", flip_tta: bool = False, channels_last: bool = False,
-          cpu_bf16: bool = False, progress: bool = False) -> np.ndarray:
+          cpu_bf16: bool = False, progress: bool = False, power: float = 1.0) -> np.ndarray:
     """uint8 (N, H, W, 3) -> L2-normalised float32 (N, D). flip_tta averages the features of the
     image and its horizontal mirror before normalising. cpu_bf16: bf16 autocast on the CPU too
-    (ssl.cpu_precision; CPUs with native bf16 only)."""
+    (ssl.cpu_precision; CPUs with native bf16 only). power < 1: the power transform sign(f) |f|^power
+    (Hu et al. 2021, eq. 1; ssl.embed_power) before normalising."""
     was_training = encoder.training
     encoder.eval()
     out = []
@@ -251,6 +253,8 @@ def embed(encoder: nn.Module, images: np.ndarray, device: torch.device, batch_si
             f = encoder(x).float()
             if flip_tta:
                 f = f + encoder(torch.flip(x, dims=[3])).float()
+        if power != 1.0:
+            f = torch.from_numpy(power_transform(f.cpu().numpy(), power))
         out.append(F.normalize(f, dim=1).cpu())
     encoder.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, getattr(encoder, "dim", 0)), np.float32)

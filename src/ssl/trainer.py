@@ -202,7 +202,7 @@ class SSLRun:
     def _embed(self, runner: nn.Module, images: np.ndarray, channels_last: bool, progress: bool) -> np.ndarray:
         return embed(runner, images, self.device, self.cfg.ssl.embed_batch_size, self.cfg.run.precision,
                      flip_tta=self.cfg.ssl.embed_flip, channels_last=channels_last, cpu_bf16=self.cpu_bf16,
-                     progress=progress)
+                     progress=progress, power=self.cfg.ssl.embed_power)
 
     @property
     def onnx_engine(self) -> bool:

@@ -173,7 +173,7 @@ def train_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int, emb
     io.write_json(rdir / "train.json", {"train_images": int(len(rows)), "log": log})
     channels_last = use_channels_last(cfg.run.channels_last, device, ema.encoder)
     return embed(ema.encoder, data.images, device, EMBED_BATCH, cfg.run.precision, channels_last=channels_last,
-                 progress=cfg.run.progress)
+                 progress=cfg.run.progress, power=cfg.ssl.embed_power)
 
 
 # ---------------------------------------------------------------------------------------------
