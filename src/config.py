@@ -132,7 +132,7 @@ class SSLCfg:
     embed_flip: bool = False  # the written embeddings average each image's features with its mirror's
     # power transform sign(f) |f|^p of each pooled feature before L2 (Hu et al. 2021, eq. 1), in every written
     # embedding (01_ssl, 02_pseudo, 03_metric); 1: off. On frozen ImageNet EfficientNet-Lite features 0.5
-    # lifted label propagation by 1 point and logistic regression on its labels by 0.7-1.0 (docs/RESULTS.md)
+    # lifted every head by 0.7-2.4 points and the submission by 1.3 (docs/RESULTS.md)
     embed_power: float = 1.0
     # CPU engine of the final embedding passes: torch | onnxruntime (the encoder exported to ONNX once, run
     # in fp32). EfficientNet-Lite0 at 224x224, 2 cores: ONNX Runtime at batch 64 ran 3.3x the images/s of
