@@ -157,6 +157,10 @@ class SSLCfg:
     swav_prototypes: int = 3000  # K
     swav_temperature: float = 0.1  # softmax temperature of the predicted codes
     swav_epsilon: float = 0.05  # entropy regularisation of the Sinkhorn codes (smaller: sharper)
+    # >0 (timm EfficientNet / MobileNet family): the final embedding pass runs the main encoder's stem and first
+    # trunk_cut stages once over every image (and its mirror with embed_flip), caches those maps in float16
+    # (trunk.npy) and embeds through the rest; pseudo.self_trainer=tail then trains the rest on the cache
+    trunk_cut: int = 0
     swav_sinkhorn_iters: int = 3
     swav_queue_length: int = 0  # >0: past projections per global view join the Sinkhorn batch (small batches); 0: off
     swav_freeze_prototypes_steps: int = 0  # the prototypes get no gradient for the first steps (the paper: ~1 epoch)
@@ -195,7 +199,10 @@ class PseudoCfg:
     scan_batch_size: int = 256  # shrunk on small sets to keep >= 8 steps per epoch
     scan_self_label_epochs: int = 10
     scan_self_label_threshold: float = 0.99
-    # self-training (FixMatch-style) between rounds
+    # self-training between rounds: fixmatch (the whole encoder on weak/strong views of the images) | tail (the
+    # stages after ssl.trunk_cut on 01_ssl's cached trunk maps, AdamW: the keys below give its epochs, batch,
+    # lr and weight decay; the others are FixMatch's)
+    self_trainer: str = "fixmatch"
     self_train_epochs: int = 10  # 0: no encoder training (later rounds only grow the prototype/knn supports)
     # >0: wall seconds of training steps per round. Steps FIT_FROM..FIT_AT of the first epoch are timed and the
     # round is shortened to what fits (the cosine schedule is recomputed for it); 0: all the epochs
@@ -531,6 +538,8 @@ def validate(cfg: Config) -> None:
         raise UserError(f"data.image_size: must be positive, got {cfg.data.image_size}")
     if not 0.0 < cfg.ssl.embed_power <= 1.0:
         raise UserError(f"ssl.embed_power: must be in (0, 1] (1: off), got {cfg.ssl.embed_power}")
+    if cfg.ssl.trunk_cut < 0:
+        raise UserError(f"ssl.trunk_cut: must be >= 0 (0: off), got {cfg.ssl.trunk_cut}")
     if cfg.dedup.hash_distance < 0 or cfg.dedup.hash_distance > 64:
         raise UserError(f"dedup.hash_distance: must be in [0, 64], got {cfg.dedup.hash_distance}")
     if not -1.0 <= cfg.dedup.embedding_cosine <= 1.0:

