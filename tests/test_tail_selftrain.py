@@ -58,6 +58,16 @@ def test_a_backbone_without_stages_or_a_cut_out_of_range_is_refused():
             check_split(net, cut)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_a_new_main_block_joins_the_others_as_01_ssl_joins_them(blocks):
+    from src.ssl.trainer import concat_blocks, replace_first_block
+
+    rng = np.random.default_rng(blocks)
+    old, new, *rest = (rng.normal(size=(6, d)) * rng.uniform(0.1, 9) for d in (5, 5, 3, 4)[:blocks + 1])
+    x = concat_blocks([old, *rest]).astype(np.float16).astype(np.float32)  # as 01_ssl writes it
+    np.testing.assert_allclose(replace_first_block(x, new, blocks), concat_blocks([new, *rest]), atol=2e-3)
+
+
 def test_map_augmentation_keeps_the_shape_and_crops_by_at_most_two_cells():
     x = torch.arange(2 * 3 * 7 * 7, dtype=torch.float32).view(2, 3, 7, 7)
     g = torch.Generator().manual_seed(0)
@@ -109,20 +119,22 @@ def test_a_tail_round_trains_the_tail_only_and_its_encoder_reproduces_its_embedd
     assert [r["round"] for r in log if "loss" in r] == [1]
 
 
-def test_tail_rows_repeat_the_labeled_images(monkeypatch):
+@pytest.mark.parametrize("repeat", [0, 3])
+def test_tail_rows_leave_out_or_repeat_the_labeled_images(repeat, monkeypatch):
     from src.config import PseudoCfg
     from src.pseudo import tail as module
 
     seen = []
-    monkeypatch.setattr(module, "tail_features", lambda net, x, cut: seen.append(len(x)) or x.mean((2, 3)))
+    monkeypatch.setattr(module, "tail_features", lambda net, x, cut: seen.append(x.shape[0]) or x.mean((2, 3)))
+    monkeypatch.setattr(module, "tail_modules", lambda net, cut: [torch.nn.Linear(1, 1)])
     net = torch.nn.Module()
     net.num_features = 4
-    monkeypatch.setattr(module, "tail_modules", lambda net, cut: [torch.nn.Linear(1, 1)])
     maps = np.random.default_rng(0).standard_normal((10, 2, 4, 3, 3)).astype(np.float16)
-    p = PseudoCfg(self_train_epochs=2, self_train_batch_size=8, classifier_temperature=0.1)
+    p = PseudoCfg(self_train_epochs=2, self_train_batch_size=8, classifier_temperature=0.1,
+                  tail_labeled_repeat=repeat)
     _, log = module.self_train_tail(p, net, 1, maps, np.array([0, 1, 5, 6]), np.array([0, 1, 0, 1]),
                                     np.array([0, 1]), np.eye(2, 4, dtype=np.float32))
-    rows = 2 + 2 * module.LABELED_REPEAT  # two pseudo-labeled rows once, two labeled rows 20 times
+    rows = 2 + 2 * repeat  # the two pseudo-labeled rows once, the two labeled rows `repeat` times
     assert [r["train_rows"] for r in log] == [rows, rows] and sum(seen) == 2 * rows
     assert [r["steps"] for r in log] == [-(-rows // 8)] * 2
 
@@ -148,3 +160,10 @@ def test_the_recipe_trains_the_tail_in_its_one_pseudo_round():
     cfg = yaml.safe_load((REPO / CONFIG).read_text())
     assert cfg["ssl"]["trunk_cut"] > 0 and cfg["pseudo"]["self_trainer"] == "tail" and cfg["pseudo"]["rounds"] == 1
     assert cfg["heads"]["embeddings"] == "pseudo"
+
+
+def test_every_self_trainer_has_a_cpu_run():
+    from src.stages.pseudo import SELF_TRAINERS
+
+    # fixmatch: tests/test_pseudo.py runs its rounds on digits; tail: the round above
+    assert SELF_TRAINERS.names() == ["fixmatch", "tail"]

@@ -2,8 +2,9 @@
 (``pseudo.self_trainer: tail``; :mod:`src.models.split`).
 
 The tail (the stages after ``ssl.trunk_cut``, conv_head, bn2) and a cosine classifier initialised
-at the class means train on the labeled images and the previous round's selected pseudo-labels.
-One epoch passes over the pseudo-labeled rows once and over the labeled rows LABELED_REPEAT times:
+at the class means train on the previous round's selected pseudo-labels.
+One epoch passes over the pseudo-labeled rows once and over the labeled rows
+pseudo.tail_labeled_repeat times (0: left out):
 
     x      = a random view of the row's maps (the image or its mirror)           # (B, C, s, s)
              -> a random crop of s-2..s cells, resized back to s x s (bilinear)
@@ -14,9 +15,9 @@ One epoch passes over the pseudo-labeled rows once and over the labeled rows LAB
 AdamW (pseudo.self_train_lr for the tail, CLASSIFIER_LR_MULT x for the classifier, weight decay
 pseudo.self_train_weight_decay), cosine schedule over pseudo.self_train_epochs. The BatchNorm
 statistics stay frozen: batches are pseudo-labeled and augmented, not the data the statistics
-describe. On the real competition (EfficientNet-Lite0 at 224, cut 6, ~16k pseudo-labels, 2 Zen 3
-cores) one epoch took 73 s and lifted label propagation on the joined Lite0 + Lite2 embeddings from
-0.638 to 0.667 (docs/RESULTS.md).
+describe. On the real competition (EfficientNet-Lite0 at 224, cut 6, ~15k pseudo-labels) one epoch
+took 73-78 s on 2 CPU cores and lifted label propagation on the joined Lite0 + Lite2 embeddings by
+2.5-2.9 points and the submission by 1.3 (docs/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -34,7 +35,6 @@ from src.config import PseudoCfg
 from src.models.split import tail_features, tail_modules
 from src.pseudo.selftrain import CosineClassifier
 
-LABELED_REPEAT = 20  # copies of each labeled row per epoch (30 labels against ~16k pseudo-labels)
 LABEL_SMOOTHING = 0.1
 MAP_DROPOUT = 0.2
 CLASSIFIER_LR_MULT = 10.0
@@ -55,13 +55,14 @@ def self_train_tail(p: PseudoCfg, net: nn.Module, cut: int, maps: np.ndarray, ro
                     labeled: np.ndarray, prototypes: np.ndarray, device: torch.device | str = "cpu", seed: int = 0,
                     progress: bool = False, on_epoch: Callable[[int, dict], None] | None = None) -> tuple[CosineClassifier, list[dict]]:
     """Train net's tail (in place) and a cosine classifier on the trunk maps (N, V, C, s, s) of `rows`
-    with class ids `y`; the rows in `labeled` (a subset of `rows`) repeat LABELED_REPEAT times.
+    with class ids `y`; the rows in `labeled` (a subset of `rows`) repeat p.tail_labeled_repeat times
+    (0: left out).
     prototypes (K, D): the classifier's initial weights. Returns (classifier, one log record per epoch);
     on_epoch(epoch, record) runs after each epoch (the net back in eval mode)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # dropout
     is_labeled = np.isin(rows, labeled)
-    order = np.concatenate([np.arange(len(rows))] + [np.flatnonzero(is_labeled)] * (LABELED_REPEAT - 1))
+    order = np.concatenate([np.flatnonzero(~is_labeled)] + [np.flatnonzero(is_labeled)] * p.tail_labeled_repeat)
     train_rows, train_y = rows[order], torch.from_numpy(np.asarray(y)[order]).long().to(device)
     classifier = CosineClassifier(net.num_features, len(prototypes), p.classifier_temperature,
                                   torch.from_numpy(np.asarray(prototypes, np.float32))).to(device)

@@ -240,6 +240,16 @@ def concat_blocks(blocks: list[np.ndarray], eps: float = 1e-12) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), eps)
 
 
+def replace_first_block(x: np.ndarray, first: np.ndarray, blocks: int, eps: float = 1e-12) -> np.ndarray:
+    """concat_blocks([first, *rest]) from x = concat_blocks([old_first, *rest]) (N, D) of `blocks` blocks:
+    first (N, D_1) replaces old_first. In x each block's part of a unit row has norm 1/sqrt(blocks), so
+    the rest's columns stay as they are."""
+    first = np.asarray(first, np.float32)
+    unit = first / np.maximum(np.linalg.norm(first, axis=1, keepdims=True), eps)  # (N, D_1)
+    out = np.hstack([unit / np.sqrt(blocks), np.asarray(x[:, first.shape[1]:], np.float32)])
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), eps)
+
+
 RANKME_IMAGES = 2048  # unlabeled images whose embeddings give the label-free RankMe signal
 
 

@@ -40,9 +40,10 @@ from src.pseudo.selftrain import Classifier, make_head, self_train
 from src.pseudo.tail import self_train_tail
 from src.registry import Registry
 from src.runtime import cpu_threads, resolve_device, use_channels_last
+from src.ssl.trainer import replace_first_block
 from src.stages import Stage
 from src.train_utils import barrier, dist_info, local_device
-from src.transductive import center_normalize, compute_prototypes, l2_normalize
+from src.transductive import center_normalize, compute_prototypes
 
 STAGE_KEY = "pseudo"
 EMBED_BATCH = 1024  # images per forward pass when embedding (memory only)
@@ -78,7 +79,7 @@ def validate(cfg: Config) -> None:
                 "classifier_temperature"):
         if getattr(p, key) <= 0:
             raise UserError(f"pseudo.{key}: must be positive, got {getattr(p, key)}")
-    for key in ("rounds", "cpu_threads", "self_train_epochs", "scan_epochs", "scan_self_label_epochs", "scan_clusters",
+    for key in ("rounds", "cpu_threads", "self_train_epochs", "tail_labeled_repeat", "scan_epochs", "scan_self_label_epochs", "scan_clusters",
                 "prototype_refine_iters", "max_steps_per_epoch", "self_train_warmup_epochs",
                 "self_train_weight_decay", "consistency_weight", "propagation_gamma", "scan_entropy_weight",
                 "self_train_budget_s"):
@@ -226,8 +227,7 @@ def train_tail_round(cfg: Config, paths: RunPaths, data: CompetitionData, r: int
                     metadata={"kind": "cosine", "temperature": str(cfg.pseudo.classifier_temperature)})
     io.write_json(rdir / "train.json", {"train_images": int(len(rows)), "log": log})
     main = embed_tail(encoder.net, maps, cut, cfg.ssl.embed_power, device=device)  # (N, D_main), unit rows
-    # 01_ssl's concatenation: each of the `blocks` encoders' parts has norm 1/sqrt(blocks) in a unit row
-    return l2_normalize(np.hstack([main / np.sqrt(blocks), emb[:, dim:]]))
+    return replace_first_block(emb, main, blocks)  # 01_ssl's concatenation with the new main block
 
 
 # ---------------------------------------------------------------------------------------------
