@@ -3,6 +3,8 @@
 embeddings, a round trains the tail only and its saved encoder reproduces the round's embeddings,
 and every misuse stops with one line."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -117,6 +119,27 @@ def test_a_tail_round_trains_the_tail_only_and_its_encoder_reproduces_its_embedd
     assert train["log"][0]["epoch"] == 1 and np.isfinite(train["log"][0]["loss"]) and train["log"][0]["steps"] > 0
     log = [json.loads(line) for line in (run / "02_pseudo/log.jsonl").read_text().splitlines()]
     assert [r["round"] for r in log if "loss" in r] == [1]
+
+    # scripts/crossfit_loo.py on the finished run: every labeled image held out once, in its fold
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "crossfit_loo.py"), "-c", CONFIG, *args,
+                           "--folds", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r.get("embeddings", r.get("fold")) for r in lines] == ["frozen", "round", 0, 1, 2, "cross-fitted round"]
+    assert sum(r["held_out"] for r in lines[2:5]) == 30 and all(r["pseudo_labels"] > 0 for r in lines[2:5])
+    assert all(0.3 < r["loo"] <= 1 for r in (lines[0], lines[1], lines[5]))  # digits: far above chance
+    assert all(0.3 < r["public"] <= 1 for r in lines[:2])
+
+
+def test_label_folds_hold_one_image_of_each_class_in_turn():
+    from importlib import util
+
+    spec = util.spec_from_file_location("crossfit_loo", REPO / "scripts" / "crossfit_loo.py")
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    y = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2])
+    np.testing.assert_array_equal(module.label_folds(y, 3), [0, 0, 1, 1, 2, 2, 0, 1, 2])
+    np.testing.assert_array_equal(module.label_folds(y, 2), [0, 0, 1, 1, 0, 0, 0, 1, 0])
 
 
 @pytest.mark.parametrize("repeat", [0, 3])
