@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -49,28 +50,31 @@ def label_folds(y: np.ndarray, folds: int) -> np.ndarray:
     return out
 
 
-def propagation_loo(cfg, x: np.ndarray, lab: np.ndarray, ly: np.ndarray, n: int, held: np.ndarray) -> np.ndarray:
-    """Class predicted for each labeled row in `held` (indices into lab) by label propagation over the
-    centred embeddings x with every other label; one kNN graph for all."""
-    x = center_normalize(x)
-    base = LabelingContext(x, lab, ly, n, cfg.pseudo)
-    base.graph()
+def propagation_graph(cfg, x: np.ndarray, lab: np.ndarray, ly: np.ndarray, n: int) -> LabelingContext:
+    """02_pseudo's labeling context over the centred embeddings x with every label, its kNN graph built
+    once: dataclasses.replace(ctx, labeled_idx=..., labeled_y=...) reuses it."""
+    ctx = LabelingContext(center_normalize(x), lab, ly, n, cfg.pseudo)
+    ctx.graph()
+    return ctx
+
+
+def propagation_loo(ctx: LabelingContext, held: np.ndarray) -> np.ndarray:
+    """Class predicted for each labeled row in `held` (indices into ctx's labels) by label propagation
+    with every other label, on ctx's graph."""
+    lab, ly = ctx.labeled_idx, ctx.labeled_y
     out = np.zeros(len(held), np.int64)
     for j, i in enumerate(held):
         keep = np.arange(len(lab)) != i
-        ctx = LabelingContext(x, lab[keep], ly[keep], n, cfg.pseudo)
-        ctx._context = base._context  # the shared graph
-        out[j] = LABELERS.get("propagation")(ctx)[lab[i]].argmax()
+        out[j] = LABELERS.get("propagation")(replace(ctx, labeled_idx=lab[keep], labeled_y=ly[keep]))[lab[i]].argmax()
     return out
 
 
-def public(cfg, data, x: np.ndarray) -> float | None:
+def public(cfg, data, ctx: LabelingContext) -> float | None:
+    """Accuracy of propagation with every label on the truth file (reporting only); None without one."""
     if not cfg.data.truth:
         return None
     rows, truth = truth_rows(data, cfg.data.truth)
-    lab, ly = data.labeled_idx, data.class_ids[data.labeled_idx]
-    probs = LABELERS.get("propagation")(LabelingContext(center_normalize(x), lab, ly, data.n_classes, cfg.pseudo))
-    return round(float((probs[rows].argmax(1) == truth).mean()), 4)
+    return round(float((LABELERS.get("propagation")(ctx)[rows].argmax(1) == truth).mean()), 4)
 
 
 def main() -> None:
@@ -89,18 +93,17 @@ def main() -> None:
     frozen = io.read_npy(paths.embeddings("ssl")).astype(np.float32)
     fold = label_folds(ly, args.folds)
     every = np.arange(len(lab))
-    results = {}
-    for name, x in (("frozen", frozen), ("round", io.read_npy(paths.embeddings("pseudo")).astype(np.float32))):
-        results[name] = {"loo": round(float((propagation_loo(cfg, x, lab, ly, n, every) == ly).mean()), 4),
-                         "public": public(cfg, data, x)}
-        print(json.dumps({"embeddings": name, **results[name]}), flush=True)
+    graphs = {"frozen": propagation_graph(cfg, frozen, lab, ly, n),
+              "round": propagation_graph(cfg, io.read_npy(paths.embeddings("pseudo")).astype(np.float32), lab, ly, n)}
+    for name, ctx in graphs.items():
+        print(json.dumps({"embeddings": name, "loo": round(float((propagation_loo(ctx, every) == ly).mean()), 4),
+                          "public": public(cfg, data, ctx)}), flush=True)
     predicted = np.zeros(len(lab), np.int64)
-    x0 = center_normalize(frozen)
     for k in range(args.folds):
         t0 = time.perf_counter()
         keep = fold != k
-        ctx = LabelingContext(x0, lab[keep], ly[keep], n, cfg.pseudo)
-        res = pseudo_label({"propagation": LABELERS.get("propagation")(ctx)[unl]}, cfg.pseudo)
+        fold_ctx = replace(graphs["frozen"], labeled_idx=lab[keep], labeled_y=ly[keep])
+        res = pseudo_label({"propagation": LABELERS.get("propagation")(fold_ctx)[unl]}, cfg.pseudo)
         rows = np.concatenate([lab[keep], unl[res.selected]])
         y = np.concatenate([ly[keep], res.label[res.selected]])
         encoder = load_encoder(paths.encoder("ssl"), paths.encoder_spec("ssl"))
@@ -108,7 +111,7 @@ def main() -> None:
                         compute_prototypes(frozen[rows, :dim], y, n), seed=cfg.run.seed + k)
         xk = replace_first_block(frozen, embed_tail(encoder.net, maps, cut, cfg.ssl.embed_power), blocks)
         held = np.flatnonzero(fold == k)
-        predicted[held] = propagation_loo(cfg, xk, lab, ly, n, held)
+        predicted[held] = propagation_loo(propagation_graph(cfg, xk, lab, ly, n), held)
         print(json.dumps({"fold": k, "held_out": int(len(held)), "pseudo_labels": int(res.selected.sum()),
                           "accuracy": round(float((predicted[held] == ly[held]).mean()), 4),
                           "seconds": round(time.perf_counter() - t0, 1)}), flush=True)

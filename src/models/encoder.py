@@ -127,14 +127,18 @@ class Encoder(nn.Module):
         self.register_buffer("in_scale", scale, persistent=False)
         self.register_buffer("in_shift", shift, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
+        """ImageNet-normalised (B, 3, h, w) -> what the network takes: its own statistics, its input size."""
         if self.in_scale is not None:  # ImageNet-normalised -> the model's own statistics
             x = x * self.in_scale + self.in_shift
         if self.input_size and x.shape[-1] != self.input_size:
             # (B, 3, h, w) -> (B, 3, S, S): a linear map, so resizing the normalised batch equals
             # normalising the resized images. Costs (S/h)^2 more FLOPs in the network.
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
-        return self.net(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.model_input(x))
 
 
 def source_backbone(name: str) -> tuple[BackboneCfg, int]:

@@ -52,13 +52,9 @@ class Trunk(nn.Module):
         self.encoder, self.cut = encoder, cut
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        e = self.encoder
-        if e.in_scale is not None:
-            x = x * e.in_scale + e.in_shift
-        if e.input_size and x.shape[-1] != e.input_size:
-            x = F.interpolate(x, size=(e.input_size, e.input_size), mode="bilinear", align_corners=False)
-        x = e.net.bn1(e.net.conv_stem(x))
-        for block in e.net.blocks[:self.cut]:
+        net = self.encoder.net
+        x = net.bn1(net.conv_stem(self.encoder.model_input(x)))
+        for block in net.blocks[:self.cut]:
             x = block(x)
         return x
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from src.config import PseudoCfg
 from src.models.split import tail_features, tail_modules
 from src.pseudo.selftrain import CosineClassifier
+from src.train_utils import set_lr, warmup_cosine
 
 LABEL_SMOOTHING = 0.1
 MAP_DROPOUT = 0.2
@@ -53,7 +54,8 @@ def augment_maps(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def self_train_tail(p: PseudoCfg, net: nn.Module, cut: int, maps: np.ndarray, rows: np.ndarray, y: np.ndarray,
                     labeled: np.ndarray, prototypes: np.ndarray, device: torch.device | str = "cpu", seed: int = 0,
-                    progress: bool = False, on_epoch: Callable[[int, dict], None] | None = None) -> tuple[CosineClassifier, list[dict]]:
+                    progress: bool = False, on_epoch: Callable[[int, dict], None] | None = None,
+                    ) -> tuple[CosineClassifier, list[dict]]:
     """Train net's tail (in place) and a cosine classifier on the trunk maps (N, V, C, s, s) of `rows`
     with class ids `y`; the rows in `labeled` (a subset of `rows`) repeat p.tail_labeled_repeat times
     (0: left out).
@@ -72,12 +74,11 @@ def self_train_tail(p: PseudoCfg, net: nn.Module, cut: int, maps: np.ndarray, ro
     net.requires_grad_(False)
     for q in params:
         q.requires_grad_(True)
-    groups = [{"params": params, "lr": p.self_train_lr},
-              {"params": list(classifier.parameters()), "lr": p.self_train_lr * CLASSIFIER_LR_MULT}]
-    optimizer = torch.optim.AdamW(groups, weight_decay=p.self_train_weight_decay)
-    base = [g["lr"] for g in optimizer.param_groups]
+    groups = [{"params": params}, {"params": list(classifier.parameters()), "lr_scale": CLASSIFIER_LR_MULT}]
+    optimizer = torch.optim.AdamW(groups, lr=p.self_train_lr, weight_decay=p.self_train_weight_decay)
     steps = math.ceil(len(train_rows) / p.self_train_batch_size)
-    total, step, log = steps * p.self_train_epochs, 0, []
+    lrs = warmup_cosine(p.self_train_lr, steps * p.self_train_epochs)  # (total steps,) cosine, no warm-up
+    step, log = 0, []
     views = maps.shape[1]
     for epoch in range(1, p.self_train_epochs + 1):
         for m in modules:
@@ -91,8 +92,7 @@ def self_train_tail(p: PseudoCfg, net: nn.Module, cut: int, maps: np.ndarray, ro
             r = train_rows[batch.numpy()]
             v = torch.randint(0, views, (len(r),), generator=generator).numpy()
             x = torch.from_numpy(np.asarray(maps[r, v], np.float32)).to(device)  # (B, C, s, s), a copy
-            for g, lr in zip(optimizer.param_groups, base):
-                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            set_lr(optimizer, float(lrs[step]))
             logits = classifier(tail_features(net, augment_maps(x, generator), cut))  # (B, K)
             loss = F.cross_entropy(logits, train_y[batch.to(device)], label_smoothing=LABEL_SMOOTHING)
             optimizer.zero_grad(set_to_none=True)
