@@ -48,17 +48,30 @@ def cv_summary(oof: np.ndarray, labels: np.ndarray) -> dict:
             "interval": [lo, hi]}
 
 
-def leave_one_out(fit_predict: FitPredict, labels: np.ndarray) -> np.ndarray:
-    """Out-of-fold probabilities (n, C): row i is predicted by a model fit on every row but i."""
+def leave_one_out(fit_predict: FitPredict, labels: np.ndarray, held: np.ndarray | None = None) -> np.ndarray:
+    """Out-of-fold probabilities (n, C): row i is predicted by a model fit on every row but i. With
+    `held` (positions), only those rows are predicted; the others stay 0."""
     n = len(labels)
     rows = np.arange(n)
     out = None
-    for i in range(n):
+    for i in rows if held is None else np.asarray(held, np.int64):
         probs = np.asarray(fit_predict(rows[rows != i], rows[i:i + 1]), dtype=np.float32)
         if out is None:
             out = np.zeros((n, probs.shape[1]), np.float32)
         out[i] = probs[0]
     return out if out is not None else np.zeros((0, 0), np.float32)
+
+
+def label_folds(labels: np.ndarray, folds: int) -> np.ndarray:
+    """(n,) fold of each labeled row for cross-fitting: the i-th row of each class goes to fold
+    i mod `folds`, so with at least `folds` rows per class every fold holds out one row of each class
+    and leaves every class labeled."""
+    labels = np.asarray(labels)
+    out = np.zeros(len(labels), np.int64)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        out[rows] = np.arange(len(rows)) % folds
+    return out
 
 
 def support_redraws(fit_predict: FitPredict, labels: np.ndarray, shots=(1, 2), n_draws: int = 200,

@@ -9,6 +9,7 @@ Layout of one run (``runs/<run.name>/``)::
                  trunk.npy + trunk.json (ssl.trunk_cut: the trunk maps, float16)
                  log.jsonl  ckpt/  lr_find.png
     02_pseudo/   round{r}/labels.csv (image_id,label,confidence,source)  round{r}/embeddings.npy ...
+                 crossfit/folds.json + crossfit/fold{k}/ (pseudo.crossfit_folds: the same rounds per fold)
     03_metric/   encoder.safetensors  embeddings.npy  arcface.safetensors  log.jsonl
     04_meta/     <method>/probs_test.npy  <method>/oof.npy   (meta-learning heads)
     05_heads/    <head>/probs_test.npy  <head>/oof.npy  cv.json  near_duplicates.json (embedding pass)
@@ -102,6 +103,16 @@ class RunPaths:
             return self.stage("pseudo") / "labels.csv"
         return self.pseudo_round(r) / "labels.csv"
 
+    @property
+    def crossfit(self) -> Path:
+        """pseudo.crossfit_folds: folds.json (the fold of every labeled image) and fold{k}/."""
+        return self.stage("pseudo") / "crossfit"
+
+    def crossfit_fold(self, k: int) -> "RunPaths":
+        """The paths of fold k's rounds: the same run, with 02_pseudo's outputs under crossfit/fold{k}/
+        (its labels.csv and embeddings.npy are what the pseudo stage writes without fold k's labels)."""
+        return _FoldPaths(self, k)
+
     # ---- 03 metric: ArcFace class centres, usable as a cosine classifier on embeddings("metric") ----
     @property
     def arcface(self) -> Path:
@@ -157,3 +168,15 @@ class RunPaths:
 
     def fingerprint_file(self, stage: str) -> Path:
         return self.stage(stage) / "_fingerprint"
+
+
+class _FoldPaths(RunPaths):
+    """RunPaths whose pseudo stage directory is crossfit/fold{k}/ of the run's: every other stage's
+    paths (00_prepare, 01_ssl's embeddings, encoder and trunk maps) are the run's own."""
+
+    def __init__(self, base: RunPaths, k: int):
+        super().__init__(base.cfg)
+        self.fold_dir = base.crossfit / f"fold{k}"
+
+    def stage(self, name: str) -> Path:
+        return self.fold_dir if name == "pseudo" else super().stage(name)

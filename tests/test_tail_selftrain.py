@@ -3,16 +3,16 @@
 embeddings, a round trains the tail only and its saved encoder reproduces the round's embeddings,
 and every misuse stops with one line."""
 import json
-import subprocess
-import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from conftest import REPO, run_script
 from src.config import BackboneCfg
+from src.cv import label_folds
 from src.errors import UserError
 from src.models.encoder import Encoder, embed, load_encoder, source_backbone
 from src.models.split import Trunk, check_split, embed_tail, tail_features, trunk_maps
@@ -86,11 +86,18 @@ def _args(comp, digits_folder, tmp_path):
             "pseudo.self_train_batch_size=64"]
 
 
-def test_a_tail_round_trains_the_tail_only_and_its_encoder_reproduces_its_embeddings(comp, digits_folder, tmp_path,
+def test_label_folds_hold_one_image_of_each_class_in_turn():
+    y = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2])
+    np.testing.assert_array_equal(label_folds(y, 3), [0, 0, 1, 1, 2, 2, 0, 1, 2])
+    np.testing.assert_array_equal(label_folds(y, 2), [0, 0, 1, 1, 0, 0, 0, 1, 0])
+
+
+def test_a_tail_round_trains_the_tail_only_and_its_cross_fitted_folds_feed_the_loo(comp, digits_folder, tmp_path,
                                                                                     capsys):
     args = _args(comp, digits_folder, tmp_path)
     for stage in ("00_prepare.py", "01_ssl.py", "02_pseudo.py"):
-        code, err = run_script(stage, "-c", CONFIG, *args, capsys=capsys)
+        code, err = run_script(stage, "-c", CONFIG, *args, *(["pseudo.crossfit_folds=3"] if stage == "02_pseudo.py" else []),
+                               capsys=capsys)
         assert code == 0, (stage, err[-2000:])
     run = tmp_path / "runs/t"
     n = 30 + 200 + 300
@@ -120,26 +127,35 @@ def test_a_tail_round_trains_the_tail_only_and_its_encoder_reproduces_its_embedd
     log = [json.loads(line) for line in (run / "02_pseudo/log.jsonl").read_text().splitlines()]
     assert [r["round"] for r in log if "loss" in r] == [1]
 
-    # scripts/crossfit_loo.py on the finished run: every labeled image held out once, in its fold
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "crossfit_loo.py"), "-c", CONFIG, *args,
-                           "--folds", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r.get("embeddings", r.get("fold")) for r in lines] == ["frozen", "round", 0, 1, 2, "cross-fitted round"]
-    assert sum(r["held_out"] for r in lines[2:5]) == 30 and all(r["pseudo_labels"] > 0 for r in lines[2:5])
-    assert all(0.3 < r["loo"] <= 1 for r in (lines[0], lines[1], lines[5]))  # digits: far above chance
-    assert all(0.3 < r["public"] <= 1 for r in lines[:2])
+    # Cross-fitting (pseudo.crossfit_folds=3): the rounds again per fold, that fold's labels hidden
+    spec = json.loads((run / "02_pseudo/crossfit/folds.json").read_text())
+    index = pd.read_csv(run / "00_prepare/index.csv")
+    labeled = index[index["split"].isin(["train", "val"]) & (index["label"] >= 0)]
+    assert spec["folds"] == 3 and sorted(spec["fold_of"]) == sorted(labeled["image_id"].astype(str))
+    fold_of = labeled.assign(fold=labeled["image_id"].astype(str).map(spec["fold_of"]))
+    assert (fold_of.groupby("fold")["label"].nunique() == 10).all()  # one image of each class per fold
+    for k in range(3):
+        fdir = run / f"02_pseudo/crossfit/fold{k}"
+        assert sorted(p.name for p in fdir.iterdir()) == ["_done.json", "embeddings.npy", "labels.csv", "log.jsonl"]
+        table = pd.read_csv(fdir / "labels.csv")
+        held = set(fold_of.loc[fold_of["fold"] == k, "image_id"].astype(str))
+        # the fold's labeled images were unlabeled there (they got pseudo-labels); the others kept their labels
+        assert held <= set(table["image_id"].astype(str))
+        assert not set(fold_of["image_id"].astype(str)) - held & set(table["image_id"].astype(str))
+        fold_emb = np.load(fdir / "embeddings.npy").astype(np.float32)
+        assert fold_emb.shape == round_emb.shape and np.abs(fold_emb - round_emb).max() > 1e-2  # its own tail
+    assert [r["round"] for r in log if "loss" in r] == [1]  # the folds log in their own directories
 
-
-def test_label_folds_hold_one_image_of_each_class_in_turn():
-    from importlib import util
-
-    spec = util.spec_from_file_location("crossfit_loo", REPO / "scripts" / "crossfit_loo.py")
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    y = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2])
-    np.testing.assert_array_equal(module.label_folds(y, 3), [0, 0, 1, 1, 2, 2, 0, 1, 2])
-    np.testing.assert_array_equal(module.label_folds(y, 2), [0, 0, 1, 1, 0, 0, 0, 1, 0])
+    # 05_heads reads the folds: the LOO rows come from them, the in-sample LOO is kept beside
+    code, err = run_script("05_heads.py", "-c", CONFIG, *args, "heads.heads=[protonet,propagation]",
+                           "heads.pseudo_heads=[protonet]", "cv.redraws=2", "cv.episodes=2", capsys=capsys)
+    assert code == 0, err[-2000:]
+    cv = json.loads((run / "05_heads/cv.json").read_text())
+    for head in ("protonet", "propagation"):
+        record = cv["heads"][head]
+        assert record["crossfit_folds"] == 3 and record["loo_in_sample"]["n"] == 30
+        oof = np.load(run / f"05_heads/{head}/oof.npy")
+        np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-4)  # every labeled image predicted once
 
 
 @pytest.mark.parametrize("repeat", [0, 3])

@@ -88,6 +88,16 @@ class CompetitionData:
         or values of self.classes) -> class ids (int64); UserError naming `where` for an unknown class."""
         return encode_labels(labels, self.classes, where)
 
+    def without_labels(self, rows: np.ndarray) -> "CompetitionData":
+        """The same images and classes with the labels of `rows` removed: they join the unlabeled images
+        (cross-fitting). Every class must keep a labeled row."""
+        index = self.index.copy()
+        index.iloc[np.asarray(rows, np.int64), index.columns.get_loc("label")] = -1
+        out = CompetitionData(self.images, index, self.names if self.names is not None else list(self.classes))
+        if self.names is None:  # keep the integer labels as labels: map the class ids back
+            out.index["label"] = np.where(index["label"].to_numpy() >= 0, self.class_ids, -1)
+        return out
+
     @property
     def test_ids(self) -> list[str]:
         return self.index["image_id"].to_numpy()[self.test_idx].tolist()

@@ -225,6 +225,62 @@ def head_inputs(cfg: Config, data: CompetitionData, x: np.ndarray, pool: pd.Data
     return h
 
 
+@dataclass
+class CrossFold:
+    """One fold of 02_pseudo's cross-fitting: the labeled rows it held out and the heads' inputs
+    made without their labels."""
+
+    held: np.ndarray  # (H,) positions 0..L-1 of the held-out labeled rows
+    inputs: HeadInputs  # the fold's embeddings (when the heads read 02_pseudo's) and pseudo-labels
+
+
+def crossfit_folds(cfg: Config, paths: RunPaths, data: CompetitionData, source: str, h: HeadInputs,
+                   device=None) -> list[CrossFold]:
+    """02_pseudo's cross-fitted folds (pseudo.crossfit_folds) as head inputs; [] when it wrote none.
+    The embeddings are the fold's when the heads read 02_pseudo's, else the heads' own."""
+    spec_file = paths.crossfit / "folds.json"
+    if not (paths.done_marker("pseudo").exists() and spec_file.exists()):
+        return []
+    spec = io.read_json(spec_file)
+    ids = [str(i) for i in data.index["image_id"].to_numpy()[h.labeled]]
+    fold_of = spec.get("fold_of", {})
+    if sorted(fold_of) != sorted(ids):
+        raise UserError(f"{spec_file}: its labeled images are not this run's (run 02_pseudo again)")
+    fold = np.array([fold_of[i] for i in ids], np.int64)
+    out = []
+    for k in range(int(spec["folds"])):
+        fp = paths.crossfit_fold(k)
+        if not fp.done_marker("pseudo").exists():
+            raise UserError(f"{fp.done_marker('pseudo')}: not found: cross-fit fold {k} did not finish "
+                            "(run 02_pseudo again)")
+        x, context = h.x, h.context
+        if source == "pseudo":
+            emb = io.read_npy(fp.embeddings("pseudo"))
+            if emb.shape != h.x.shape:
+                raise UserError(f"{fp.embeddings('pseudo')}: shape {emb.shape}, expected {h.x.shape}")
+            x, context = l2_normalize(np.asarray(emb, np.float32)), None
+        pool = pseudo_rows(read_label_table(fp.pseudo_labels(), ("image_id", "label", "confidence", "selected")),
+                           data, cfg.heads.pseudo_min_confidence, fp.pseudo_labels())
+        fold_inputs = head_inputs(cfg, data, x, pool, device, context)
+        fold_inputs.dup, fold_inputs.dup_y, fold_inputs.dup_group = h.dup, h.dup_y, h.dup_group
+        out.append(CrossFold(np.flatnonzero(fold == k), fold_inputs))
+    return out
+
+
+def crossfit_oof(name: str, cfg: Config, folds: list[CrossFold], use_pseudo: bool, encoder=None,
+                 device=None) -> np.ndarray:
+    """(L, C) cross-fitted leave-one-out probabilities: each labeled row predicted by the head fit on
+    every other labeled row (plus, with use_pseudo, its fold's pseudo-labels, tied to their groups as
+    in the plain LOO) on the embeddings of the fold that never saw its label."""
+    out = 0.0
+    for f in folds:
+        h = f.inputs
+        fit_predict = fit_predict_fn(name, cfg, h, encoder, device, use_pseudo, h.labeled, h.labeled_y,
+                                     np.ones(len(h.labeled), np.float32), np.arange(len(h.labeled)), h.test)
+        out = out + leave_one_out(fit_predict, h.labeled_y, f.held)  # zero outside the fold's rows
+    return np.asarray(out, np.float32)
+
+
 def head_outputs(name: str, cfg: Config, h: HeadInputs, table: pd.DataFrame | None, encoder=None,
                  device=None) -> dict:
     """One head's contract arrays: "probs" (T, C) on the test rows (fit on every labeled row, plus
@@ -293,17 +349,19 @@ def run(cfg: Config, paths: RunPaths) -> dict:
         h.dup, h.dup_y, h.dup_group = near_duplicate_support(cfg, paths, data, near)
     table = stack_rows(cfg, h, pool, x)
     io.write_csv(paths.stack_table, table)
+    folds = crossfit_folds(cfg, paths, data, source, h, device)
     # Episodes draw from confident pseudo-labels (biased by the pseudo-labeler by construction).
     episode_pool = None if pool is None else pool[pool["confidence"] >= cfg.cv.episode_min_confidence]
 
     print(f"embeddings: {source} {x.shape}; labeled {len(labeled)}; pseudo-labeled support {len(h.pseudo)}"
           f"{'' if pool is not None else ' (no pseudo-labels)'}; stacker rows {len(table)}"
-          + (f"; near-duplicate test support {len(h.dup)}" if cfg.dedup.test_support else ""))
+          + (f"; near-duplicate test support {len(h.dup)}" if cfg.dedup.test_support else "")
+          + (f"; LOO cross-fitted over {len(folds)} folds of 02_pseudo" if folds else ""))
     results = {}
     # Thousands of tiny fits: one BLAS/OpenMP thread each (threads only contend at this size).
     with threadpool_limits(1):
         for name in tqdm(cfg.heads.heads, desc="heads", disable=not cfg.run.progress):
-            results[name] = run_head(name, cfg, paths, h, table, episode_pool, truth, encoder, device)
+            results[name] = run_head(name, cfg, paths, h, table, episode_pool, truth, encoder, device, folds)
     # Accuracy estimates of every head from the test images and the labels together (src/estimate.py).
     ctx = EstimateContext([np.asarray(io.read_npy(paths.head_probs(n)), np.float64) for n in results],
                           [np.asarray(io.read_npy(paths.head_oof(n)), np.float64) for n in results], h.labeled_y)
@@ -355,8 +413,9 @@ def near_duplicate_support(cfg: Config, paths: RunPaths, data: CompetitionData,
 
 
 def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.DataFrame,
-             episode_pool: pd.DataFrame | None, truth, encoder, device) -> dict:
-    """One head: test probabilities, LOO, stacker OOF, re-draws, episodes. Resumes per head."""
+             episode_pool: pd.DataFrame | None, truth, encoder, device, folds: list[CrossFold] = ()) -> dict:
+    """One head: test probabilities, LOO (cross-fitted with `folds`), stacker OOF, re-draws, episodes.
+    Resumes per head."""
     record_path = paths.head_dir(name) / "cv.json"
     if record_path.exists() and paths.head_probs(name).exists() and paths.head_oof(name).exists():
         print(f"  {name}: done earlier (resumed)")
@@ -367,6 +426,10 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
     groups = np.arange(len(h.labeled))
     out = head_outputs(name, cfg, h, table, encoder, device)
     probs, oof, stack, labeled_fp, use_pseudo = (out[k] for k in ("probs", "oof", "stack", "labeled_fp", "use_pseudo"))
+    loo_in_sample = None
+    if folds:  # the oof contract (and every estimate and rule that reads it) takes the cross-fitted LOO
+        loo_in_sample = cv_summary(oof, h.labeled_y)
+        oof = crossfit_oof(name, cfg, list(folds), use_pseudo, encoder, device)
     loo_plain = None
     if use_pseudo and len(h.pseudo):  # the same head without pseudo-labels: no echo possible
         plain_fp = fit_predict_fn(name, cfg, h, encoder, device, False, h.labeled, h.labeled_y, ones, groups, h.test,
@@ -395,7 +458,8 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
     save_redraws(paths.head_redraws(name), draws)
     is_labeled = table["labeled"].to_numpy(bool)
     stack_acc = float((stack[is_labeled].argmax(1) == table["y"].to_numpy()[is_labeled]).mean())
-    record = {"loo": cv_summary(oof, h.labeled_y), "loo_labeled_only": loo_plain, "redraws": redraws,
+    record = {"loo": cv_summary(oof, h.labeled_y), "loo_labeled_only": loo_plain,
+              "loo_in_sample": loo_in_sample, "crossfit_folds": len(folds), "redraws": redraws,
               "episodic": episodic, "stack_oof_labeled_accuracy": stack_acc,
               "test_accuracy": truth_accuracy(probs, truth), "pseudo_support": bool(use_pseudo and len(h.pseudo)),
               "seconds": round(time.perf_counter() - t0, 2)}

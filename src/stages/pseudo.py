@@ -10,6 +10,8 @@
 Files (paths.stage("pseudo")): round{r}/labels.csv (image_id,label,confidence,source,selected),
 round{r}/embeddings.npy, round{r}/encoder.* + classifier.safetensors + train.json (trained rounds),
 round{r}/summary.json, round{r}/_done.json; final labels.csv, encoder.*, embeddings.npy;
+crossfit/folds.json + crossfit/fold{k}/labels.csv, embeddings.npy (pseudo.crossfit_folds: the rounds
+again without fold k's labels, for 05_heads' leave-one-out);
 summary.csv + precision_coverage.png (precision needs cfg.data.truth: reporting only); log.jsonl.
 An interrupted run restarts after the last finished round (and mid-round from the self-training
 checkpoint). Under torchrun every process self-trains; rank 0 labels and writes.
@@ -25,6 +27,7 @@ import torch
 
 from src import io
 from src.config import Config
+from src.cv import label_folds
 from src.data.competition import read_label_table
 from src.data.dataset import CompetitionData, load_data
 from src.errors import UserError
@@ -79,6 +82,8 @@ def validate(cfg: Config) -> None:
                 "classifier_temperature"):
         if getattr(p, key) <= 0:
             raise UserError(f"pseudo.{key}: must be positive, got {getattr(p, key)}")
+    if p.crossfit_folds == 1 or p.crossfit_folds < 0:
+        raise UserError(f"pseudo.crossfit_folds: 0 (off) or at least 2, got {p.crossfit_folds}")
     for key in ("rounds", "cpu_threads", "self_train_epochs", "tail_labeled_repeat", "scan_epochs", "scan_self_label_epochs", "scan_clusters",
                 "prototype_refine_iters", "max_steps_per_epoch", "self_train_warmup_epochs",
                 "self_train_weight_decay", "consistency_weight", "propagation_gamma", "scan_entropy_weight",
@@ -107,6 +112,10 @@ def validate_data(cfg: Config, data: CompetitionData) -> None:
     if 0 < p.scan_clusters < n_classes and "scan" in p.labelers:
         raise UserError(f"pseudo.scan_clusters: {p.scan_clusters} is fewer than the {n_classes} classes (0: classes)")
     check_classes(data.class_ids[data.labeled_idx], n_classes)
+    fewest = int(np.bincount(data.class_ids[data.labeled_idx], minlength=n_classes).min())
+    if p.crossfit_folds > fewest:
+        raise UserError(f"pseudo.crossfit_folds: {p.crossfit_folds} folds, but a class has only {fewest} labeled "
+                        f"image(s); each fold must leave every class labeled (at most {fewest})")
     if cfg.data.truth:
         truth_rows(data, cfg.data.truth)  # unknown ids and classes without a labeled image: UserError now
 
@@ -247,9 +256,18 @@ def _run(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
     for f in (paths.embeddings("ssl"), paths.encoder("ssl")):
         if not f.exists():
             raise UserError(f"{f}: not found (run pipelines/01_ssl.py first)")
-    truth = load_truth(cfg.data.truth)
-    p = cfg.pseudo
     emb = io.read_npy(paths.embeddings("ssl")).astype(np.float32)
+    summaries = run_rounds(cfg, paths, data, emb, device, load_truth(cfg.data.truth))
+    out = finish(cfg, paths, summaries) if info.is_main else {}
+    folds = crossfit(cfg, paths, data, emb, device)
+    return out | ({"crossfit": folds} if folds else {})
+
+
+def run_rounds(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarray, device: torch.device,
+               truth: pd.DataFrame | None, name: str = "round") -> dict[int, dict]:
+    """Rounds 0..pseudo.rounds from the ssl embeddings `emb` (N, D) into paths.pseudo_round(r); a round
+    finished earlier is read back. truth: reporting only (None: no truth columns). Returns the summaries."""
+    info, p = dist_info(), cfg.pseudo
     summaries: dict[int, dict] = {}
     for r in range(p.rounds + 1):
         rdir = paths.pseudo_round(r)
@@ -257,7 +275,7 @@ def _run(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
             summaries[r] = io.read_json(rdir / "summary.json")
             emb = io.read_npy(rdir / "embeddings.npy").astype(np.float32)
             if info.is_main:
-                print(f"round {r}: done earlier (resuming after it)")
+                print(f"{name} {r}: done earlier (resuming after it)")
             continue
         t0 = time.perf_counter()
         trained = r > 0 and p.self_train_epochs > 0
@@ -270,7 +288,7 @@ def _run(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
             io.write_npy(rdir / "embeddings.npy", emb.astype(np.float16))
             io.write_csv(paths.pseudo_labels(r), table)
             s = summarize(table, data.classes, truth) | linfo
-            s |= embedding_scores(data, emb, cfg.data.truth, cfg.run.seed)
+            s |= embedding_scores(data, emb, cfg.data.truth if truth is not None else "", cfg.run.seed)
             s |= {"round": r, "trained": trained, "train_seconds": round(t_train, 2),
                   "seconds": round(time.perf_counter() - t0, 2)}
             if trained:
@@ -279,12 +297,58 @@ def _run(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
             shutil.rmtree(rdir / "ckpt", ignore_errors=True)  # the round's encoder is saved; free the disk
             io.write_json(rdir / "_done.json", {"round": r})
             summaries[r] = s
-            print(format_summary(r, s))
+            print(format_summary(r, s) if name == "round" else f"{name} {r}: {s['n_selected']} selected "
+                  f"({s['seconds']:.1f}s)")
             _note_cv_drop(summaries, r)
         barrier()
         if not info.is_main:
             emb = io.read_npy(rdir / "embeddings.npy").astype(np.float32)
-    return finish(cfg, paths, summaries) if info.is_main else {}
+    return summaries
+
+
+def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarray, device: torch.device) -> dict:
+    """pseudo.crossfit_folds: the rounds again once per fold of the labeled images, without that fold's
+    labels (they join the unlabeled images). Writes crossfit/folds.json (the fold of every labeled
+    image) first, then per fold crossfit/fold{k}/labels.csv, embeddings.npy (float16) and _done.json;
+    05_heads predicts each held-out image from its fold's files. A fold finished earlier is kept (the
+    runner clears the stage directory when the config or the data change)."""
+    info, n_folds = dist_info(), cfg.pseudo.crossfit_folds
+    if not n_folds:
+        return {}
+    fold, spec = crossfit_spec(data, n_folds)
+    if info.is_main:
+        io.write_json(paths.crossfit / "folds.json", spec)
+    barrier()
+    out = {}
+    for k in range(n_folds):
+        fp = paths.crossfit_fold(k)
+        if not fp.done_marker(STAGE_KEY).exists():
+            t0 = time.perf_counter()
+            summaries = run_rounds(cfg, fp, data.without_labels(data.labeled_idx[fold == k]), emb, device, None,
+                                   f"fold {k} round")
+            if info.is_main:
+                last = fp.pseudo_round(max(summaries))
+                for src_file, dst in ((last / "labels.csv", fp.pseudo_labels()),
+                                      (last / "embeddings.npy", fp.embeddings(STAGE_KEY))):
+                    shutil.move(src_file, dst)
+                for r in summaries:  # the rounds' encoders and embeddings: not needed past the fold
+                    shutil.rmtree(fp.pseudo_round(r), ignore_errors=True)
+                io.write_json(fp.done_marker(STAGE_KEY), {
+                    "fold": k, "held_out": int((fold == k).sum()), "n_selected": summaries[max(summaries)]["n_selected"],
+                    "seconds": round(time.perf_counter() - t0, 2)})
+            barrier()
+        out[str(k)] = io.read_json(fp.done_marker(STAGE_KEY))
+        if info.is_main:
+            print(f"cross-fit fold {k}: {out[str(k)]['held_out']} labels held out, "
+                  f"{out[str(k)]['n_selected']} pseudo-labels ({out[str(k)]['seconds']:.1f}s)")
+    return out
+
+
+def crossfit_spec(data: CompetitionData, n_folds: int) -> tuple[np.ndarray, dict]:
+    """(fold (L,) of each labeled row, crossfit/folds.json's content: the fold of each labeled image id)."""
+    fold = label_folds(data.class_ids[data.labeled_idx], n_folds)
+    ids = data.index["image_id"].to_numpy()[data.labeled_idx]
+    return fold, {"folds": n_folds, "fold_of": {str(i): int(f) for i, f in zip(ids, fold)}}
 
 
 def _note_cv_drop(summaries: dict[int, dict], r: int) -> None:
