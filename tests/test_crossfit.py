@@ -10,6 +10,7 @@ import pytest
 
 from conftest import run_script
 from src.config import Config
+from src.cv import leave_one_out
 from src.data.dataset import CompetitionData
 from src.errors import UserError
 from src.paths import RunPaths
@@ -42,9 +43,33 @@ def test_each_labeled_row_is_predicted_by_its_own_fold_without_itself(monkeypatc
     assert all(len(train) == 5 for _, _, train, _ in calls)
 
 
+def test_pseudo_labels_tied_to_no_label_stay_in_every_fit(monkeypatch):
+    sizes = []
+
+    class Spy:
+        transductive, runs_encoder = False, False
+
+        def fit(self, x, y, n_classes, query_x=None, support_weight=None):
+            sizes.append(len(y))
+
+        def predict_proba(self, x):
+            return np.full((len(x), 2), 0.5, np.float32)
+
+    monkeypatch.setattr(heads_stage, "make_head", lambda *args, **kwargs: Spy())
+    h = heads_stage.HeadInputs(x=np.zeros((10, 2), np.float32), images=None, n_classes=2, labeled=np.arange(4),
+                               labeled_y=np.array([0, 1, 0, 1]), test=np.arange(8, 10), pseudo=np.arange(4, 8),
+                               pseudo_y=np.array([0, 1, 0, 1]), pseudo_w=np.ones(4, np.float32),
+                               pseudo_group=np.array([0, 1, -1, -1]))  # rows 6, 7: a cross-fit fold's
+    fit_predict = heads_stage.fit_predict_fn("knn", None, h, None, None, True, h.labeled, h.labeled_y,
+                                             np.ones(4, np.float32), np.arange(4), h.test)
+    leave_one_out(fit_predict, h.labeled_y)
+    # holding out labeled row 0 (1) drops the pseudo row tied to it, never the untied two
+    assert sizes == [3 + 3, 3 + 3, 3 + 4, 3 + 4]
+
+
 def test_a_fold_hides_exactly_its_labels():
-    index = pd.DataFrame({"image_id": [f"i{k}" for k in range(6)], "split": ["train", "train", "val", "val", "test", "train"],
-                          "label": [7, 3, 7, 3, -1, -1]})
+    index = pd.DataFrame({"image_id": [f"i{k}" for k in range(6)], "label": [7, 3, 7, 3, -1, -1],
+                          "split": ["train", "train", "val", "val", "test", "train"]})
     data = CompetitionData(np.zeros((6, 2, 2, 3), np.uint8), index)  # integer labels, no classes.json
     fold = data.without_labels(np.array([0]))
     np.testing.assert_array_equal(fold.classes, [3, 7])  # the classes do not change
@@ -79,3 +104,28 @@ def test_fold_paths_move_only_the_pseudo_stage(tmp_path):
     assert fold.pseudo_labels() == fold.stage("pseudo") / "labels.csv"
     assert fold.pseudo_round(0) == fold.stage("pseudo") / "round0"
     assert fold.embeddings("ssl") == paths.embeddings("ssl") and fold.trunk_maps("ssl") == paths.trunk_maps("ssl")
+
+
+def test_label_rounds_on_the_same_embeddings_share_one_knn_graph(monkeypatch):
+    import src.transductive.graph as graph_module
+
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(2, 8))
+    emb = np.vstack([centers[i % 2] + 0.3 * rng.normal(size=8) for i in range(40)]).astype(np.float32)
+    index = pd.DataFrame({"image_id": [f"i{k}" for k in range(40)], "split": ["train"] * 6 + ["test"] * 34,
+                          "label": [0, 1, 0, 1, 0, 1] + [-1] * 34})
+    data = CompetitionData(np.zeros((40, 2, 2, 3), np.uint8), index, [0, 1])
+    cfg = Config()
+    cfg.pseudo.labelers, cfg.pseudo.knn_k = ["propagation"], 5
+    builds = []
+    knn_graph = graph_module.knn_graph
+    monkeypatch.setattr(graph_module, "knn_graph", lambda *a, **k: builds.append(1) or knn_graph(*a, **k))
+    empty = np.zeros(0, np.int64)
+    alone = [pseudo_stage.label_round(cfg, d, emb, None, empty, empty, None)[0] for d in (data, data.without_labels([0]))]
+    assert len(builds) == 2
+    shared = pseudo_stage.labeler_input(cfg, emb, None)
+    both = [pseudo_stage.label_round(cfg, d, shared, None, empty, empty, None)[0] for d in (data, data.without_labels([0]))]
+    assert len(builds) == 3  # one more graph for both rounds
+    for a, b in zip(alone, both):
+        pd.testing.assert_frame_equal(a, b)
+    assert "i0" in set(both[1]["image_id"]) and "i0" not in set(both[0]["image_id"])  # the hidden label was relabeled

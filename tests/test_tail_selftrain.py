@@ -96,8 +96,8 @@ def test_a_tail_round_trains_the_tail_only_and_its_cross_fitted_folds_feed_the_l
                                                                                     capsys):
     args = _args(comp, digits_folder, tmp_path)
     for stage in ("00_prepare.py", "01_ssl.py", "02_pseudo.py"):
-        code, err = run_script(stage, "-c", CONFIG, *args, *(["pseudo.crossfit_folds=3"] if stage == "02_pseudo.py" else []),
-                               capsys=capsys)
+        folds = ["pseudo.crossfit_folds=3"] if stage == "02_pseudo.py" else []
+        code, err = run_script(stage, "-c", CONFIG, *args, *folds, capsys=capsys)
         assert code == 0, (stage, err[-2000:])
     run = tmp_path / "runs/t"
     n = 30 + 200 + 300

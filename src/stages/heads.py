@@ -117,7 +117,7 @@ class HeadInputs:
     pseudo: np.ndarray  # (P,) pseudo-labeled rows used as support (capped per class)
     pseudo_y: np.ndarray
     pseudo_w: np.ndarray  # confidence
-    pseudo_group: np.ndarray  # (P,) index 0..L-1 of the labeled row it inherited its label from
+    pseudo_group: np.ndarray  # (P,) index 0..L-1 of the labeled row it inherited its label from; -1: none
     dup: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (U,) test rows: near-duplicate support
     dup_y: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (U,) class of the labeled twin
     dup_group: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # (U,) index 0..L-1 of that twin
@@ -172,7 +172,7 @@ def fit_predict_fn(name: str, cfg: Config, h: HeadInputs, encoder, device, use_p
         if use_dup:
             tied.append((h.dup, h.dup_y, np.ones(len(h.dup), np.float32), h.dup_group))
         for t_rows, t_y, t_w, t_group in tied:
-            keep = np.isin(t_group, sup_group[train])
+            keep = np.isin(t_group, sup_group[train]) | (t_group < 0)  # group -1: tied to no label
             keep &= ~np.isin(t_rows, sup_rows[test])  # a row is never its own support
             rows = np.concatenate([rows, t_rows[keep]])
             ys, ws = np.concatenate([ys, t_y[keep]]), np.concatenate([ws, t_w[keep]])
@@ -262,6 +262,9 @@ def crossfit_folds(cfg: Config, paths: RunPaths, data: CompetitionData, source: 
         pool = pseudo_rows(read_label_table(fp.pseudo_labels(), ("image_id", "label", "confidence", "selected")),
                            data, cfg.heads.pseudo_min_confidence, fp.pseudo_labels())
         fold_inputs = head_inputs(cfg, data, x, pool, device, context)
+        # The fold's pseudo-labels never saw its held-out labels: no echo to cut, so they stay in every fit
+        # (tying them to their nearest labeled image would drop a held-out image's true neighbours).
+        fold_inputs.pseudo_group = np.full(len(fold_inputs.pseudo), -1, np.int64)
         fold_inputs.dup, fold_inputs.dup_y, fold_inputs.dup_group = h.dup, h.dup_y, h.dup_group
         out.append(CrossFold(np.flatnonzero(fold == k), fold_inputs))
     return out

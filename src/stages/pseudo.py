@@ -46,7 +46,7 @@ from src.runtime import cpu_threads, resolve_device, use_channels_last
 from src.ssl.trainer import replace_first_block
 from src.stages import Stage
 from src.train_utils import barrier, dist_info, local_device
-from src.transductive import center_normalize, compute_prototypes
+from src.transductive import TransductiveContext, center_normalize, compute_prototypes
 
 STAGE_KEY = "pseudo"
 EMBED_BATCH = 1024  # images per forward pass when embedding (memory only)
@@ -123,13 +123,19 @@ def validate_data(cfg: Config, data: CompetitionData) -> None:
 # ---------------------------------------------------------------------------------------------
 # One round
 # ---------------------------------------------------------------------------------------------
-def label_round(cfg: Config, data: CompetitionData, emb: np.ndarray, device: torch.device,
+def labeler_input(cfg: Config, emb: np.ndarray, device: torch.device) -> TransductiveContext:
+    """What the labelers see of `emb` (N, D): mean-centred and re-normalised with pseudo.center, with
+    its kNN graph built on first use and kept (label rounds on the same embeddings share it)."""
+    return TransductiveContext(center_normalize(emb) if cfg.pseudo.center else emb, device)
+
+
+def label_round(cfg: Config, data: CompetitionData, emb: np.ndarray | TransductiveContext, device: torch.device,
                 extra_idx: np.ndarray, extra_y: np.ndarray, truth: pd.DataFrame | None) -> tuple[pd.DataFrame, dict]:
-    """Run every labeler on `emb` (N, D), combine and select. Returns (labels table, info)."""
-    if cfg.pseudo.center:
-        emb = center_normalize(emb)
-    ctx = LabelingContext(emb, data.labeled_idx, data.class_ids[data.labeled_idx], data.n_classes, cfg.pseudo,
-                          device, cfg.run.seed, extra_idx, extra_y, cfg.run.progress)
+    """Run every labeler on `emb` (N, D) or on a labeler_input of it, combine and select. Returns
+    (labels table, info)."""
+    graph = emb if isinstance(emb, TransductiveContext) else labeler_input(cfg, emb, device)
+    ctx = LabelingContext(graph.x, data.labeled_idx, data.class_ids[data.labeled_idx], data.n_classes, cfg.pseudo,
+                          device, cfg.run.seed, extra_idx, extra_y, cfg.run.progress, graph)
     unl = data.unlabeled_idx
     ids = data.index["image_id"].to_numpy()[unl]
     outputs, info = {}, {"labeler_seconds": {}, "labelers": {}}
@@ -257,16 +263,19 @@ def _run(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
         if not f.exists():
             raise UserError(f"{f}: not found (run pipelines/01_ssl.py first)")
     emb = io.read_npy(paths.embeddings("ssl")).astype(np.float32)
-    summaries = run_rounds(cfg, paths, data, emb, device, load_truth(cfg.data.truth))
+    first = labeler_input(cfg, emb, device)  # round 0 of the rounds and of every cross-fit fold: one kNN graph
+    summaries = run_rounds(cfg, paths, data, emb, device, load_truth(cfg.data.truth), first=first)
     out = finish(cfg, paths, summaries) if info.is_main else {}
-    folds = crossfit(cfg, paths, data, emb, device)
+    folds = crossfit(cfg, paths, data, emb, device, first)
     return out | ({"crossfit": folds} if folds else {})
 
 
 def run_rounds(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarray, device: torch.device,
-               truth: pd.DataFrame | None, name: str = "round") -> dict[int, dict]:
+               truth: pd.DataFrame | None, name: str = "round",
+               first: TransductiveContext | None = None) -> dict[int, dict]:
     """Rounds 0..pseudo.rounds from the ssl embeddings `emb` (N, D) into paths.pseudo_round(r); a round
-    finished earlier is read back. truth: reporting only (None: no truth columns). Returns the summaries."""
+    finished earlier is read back. truth: reporting only (None: no truth columns). first: round 0's
+    labeler_input of `emb`, shared with other calls. Returns the summaries."""
     info, p = dist_info(), cfg.pseudo
     summaries: dict[int, dict] = {}
     for r in range(p.rounds + 1):
@@ -284,7 +293,7 @@ def run_rounds(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndar
         t_train = time.perf_counter() - t0
         if info.is_main:
             extra = _selected_support(paths, r - 1, data) if r > 0 else (np.zeros(0, np.int64),) * 2
-            table, linfo = label_round(cfg, data, emb, device, *extra, truth)
+            table, linfo = label_round(cfg, data, first if r == 0 and first is not None else emb, device, *extra, truth)
             io.write_npy(rdir / "embeddings.npy", emb.astype(np.float16))
             io.write_csv(paths.pseudo_labels(r), table)
             s = summarize(table, data.classes, truth) | linfo
@@ -306,7 +315,8 @@ def run_rounds(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndar
     return summaries
 
 
-def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarray, device: torch.device) -> dict:
+def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarray, device: torch.device,
+             first: TransductiveContext | None = None) -> dict:
     """pseudo.crossfit_folds: the rounds again once per fold of the labeled images, without that fold's
     labels (they join the unlabeled images). Writes crossfit/folds.json (the fold of every labeled
     image) first, then per fold crossfit/fold{k}/labels.csv, embeddings.npy (float16) and _done.json;
@@ -325,7 +335,7 @@ def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarra
         if not fp.done_marker(STAGE_KEY).exists():
             t0 = time.perf_counter()
             summaries = run_rounds(cfg, fp, data.without_labels(data.labeled_idx[fold == k]), emb, device, None,
-                                   f"fold {k} round")
+                                   f"fold {k} round", first)
             if info.is_main:
                 last = fp.pseudo_round(max(summaries))
                 for src_file, dst in ((last / "labels.csv", fp.pseudo_labels()),
@@ -334,8 +344,8 @@ def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarra
                 for r in summaries:  # the rounds' encoders and embeddings: not needed past the fold
                     shutil.rmtree(fp.pseudo_round(r), ignore_errors=True)
                 io.write_json(fp.done_marker(STAGE_KEY), {
-                    "fold": k, "held_out": int((fold == k).sum()), "n_selected": summaries[max(summaries)]["n_selected"],
-                    "seconds": round(time.perf_counter() - t0, 2)})
+                    "fold": k, "held_out": int((fold == k).sum()),
+                    "n_selected": summaries[max(summaries)]["n_selected"], "seconds": round(time.perf_counter() - t0, 2)})
             barrier()
         out[str(k)] = io.read_json(fp.done_marker(STAGE_KEY))
         if info.is_main:
