@@ -206,10 +206,10 @@ def stack_rows(cfg: Config, h: HeadInputs, pool: pd.DataFrame | None, x: np.ndar
 
 
 def head_inputs(cfg: Config, data: CompetitionData, x: np.ndarray, pool: pd.DataFrame | None,
-                device=None, context: TransductiveContext | None = None) -> HeadInputs:
+                device=None, context: TransductiveContext | None = None, tie_pseudo: bool = True) -> HeadInputs:
     """The heads' inputs: embeddings x (N, D), the labeled rows of `data`, (with heads.use_pseudo)
     the pseudo-labels of `pool` capped per class, each in the group of the labeled image it inherited
-    from, and the transductive heads' context over every image (`context`, else a new one over x).
+    from (tie_pseudo=False: group -1, tied to no label), and the transductive heads' context over every image (`context`, else a new one over x).
     No near-duplicate support (run() adds it)."""
     labeled = data.labeled_idx
     h = HeadInputs(x=x, images=data.images, n_classes=data.n_classes, labeled=labeled,
@@ -221,7 +221,8 @@ def head_inputs(cfg: Config, data: CompetitionData, x: np.ndarray, pool: pd.Data
     if support is not None and len(support):
         h.pseudo, h.pseudo_y = support["row"].to_numpy(), support["y"].to_numpy()
         h.pseudo_w = support["confidence"].to_numpy(np.float32)
-        h.pseudo_group = inherited_from(x, h.pseudo, h.pseudo_y, labeled, h.labeled_y)
+        h.pseudo_group = (inherited_from(x, h.pseudo, h.pseudo_y, labeled, h.labeled_y) if tie_pseudo
+                          else np.full(len(h.pseudo), -1, np.int64))
     return h
 
 
@@ -259,12 +260,10 @@ def crossfit_folds(cfg: Config, paths: RunPaths, data: CompetitionData, source: 
             if emb.shape != h.x.shape:
                 raise UserError(f"{fp.embeddings('pseudo')}: shape {emb.shape}, expected {h.x.shape}")
             x, context = l2_normalize(np.asarray(emb, np.float32)), None
-        pool = pseudo_rows(read_label_table(fp.pseudo_labels(), ("image_id", "label", "confidence", "selected")),
-                           data, cfg.heads.pseudo_min_confidence, fp.pseudo_labels())
-        fold_inputs = head_inputs(cfg, data, x, pool, device, context)
         # The fold's pseudo-labels never saw its held-out labels: no echo to cut, so they stay in every fit
         # (tying them to their nearest labeled image would drop a held-out image's true neighbours).
-        fold_inputs.pseudo_group = np.full(len(fold_inputs.pseudo), -1, np.int64)
+        fold_inputs = head_inputs(cfg, data, x, read_pseudo_labels(fp, data, cfg.heads.pseudo_min_confidence),
+                                  device, context, tie_pseudo=False)
         fold_inputs.dup, fold_inputs.dup_y, fold_inputs.dup_group = h.dup, h.dup_y, h.dup_group
         out.append(CrossFold(np.flatnonzero(fold == k), fold_inputs))
     return out
@@ -273,8 +272,8 @@ def crossfit_folds(cfg: Config, paths: RunPaths, data: CompetitionData, source: 
 def crossfit_oof(name: str, cfg: Config, folds: list[CrossFold], use_pseudo: bool, encoder=None,
                  device=None) -> np.ndarray:
     """(L, C) cross-fitted leave-one-out probabilities: each labeled row predicted by the head fit on
-    every other labeled row (plus, with use_pseudo, its fold's pseudo-labels, tied to their groups as
-    in the plain LOO) on the embeddings of the fold that never saw its label."""
+    every other labeled row (plus, with use_pseudo, all its fold's pseudo-labels: they are tied to no
+    label) on the embeddings of the fold that never saw its label."""
     out = 0.0
     for f in folds:
         h = f.inputs

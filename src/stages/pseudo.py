@@ -337,7 +337,8 @@ def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarra
             summaries = run_rounds(cfg, fp, data.without_labels(data.labeled_idx[fold == k]), emb, device, None,
                                    f"fold {k} round", first)
             if info.is_main:
-                last = fp.pseudo_round(max(summaries))
+                last_round = max(summaries)
+                last = fp.pseudo_round(last_round)
                 for src_file, dst in ((last / "labels.csv", fp.pseudo_labels()),
                                       (last / "embeddings.npy", fp.embeddings(STAGE_KEY))):
                     shutil.move(src_file, dst)
@@ -345,7 +346,7 @@ def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarra
                     shutil.rmtree(fp.pseudo_round(r), ignore_errors=True)
                 io.write_json(fp.done_marker(STAGE_KEY), {
                     "fold": k, "held_out": int((fold == k).sum()),
-                    "n_selected": summaries[max(summaries)]["n_selected"], "seconds": round(time.perf_counter() - t0, 2)})
+                    "n_selected": summaries[last_round]["n_selected"], "seconds": round(time.perf_counter() - t0, 2)})
             barrier()
         out[str(k)] = io.read_json(fp.done_marker(STAGE_KEY))
         if info.is_main:
