@@ -8,6 +8,7 @@ against truth. Prints and writes runs/<run>/redraw/table.md and results.json.
     python pipelines/redraw.py -c configs/demo.yaml --members protonet,knn,pseudo_propagation --rules mean,agreement
     python pipelines/redraw.py -c configs/demo.yaml --draws 20 --encoder-seeds 0,1,2   # + the encoder's variance
     python pipelines/redraw.py -c configs/cifar_cpu_pretrained.yaml --pool test --labels TRUTH.csv --draws 20
+    python pipelines/redraw.py -c configs/demo.yaml --draws 30 --cache-commit <commit>   # rescore cached members
 
 --encoder-seeds trains one encoder per seed (00_prepare and 01_ssl of run <name>-seed<s>, skipped when
 up to date; the run's own seed reuses the run) and draws the same supports on each. --pool test draws
@@ -46,10 +47,13 @@ if __name__ == "__main__":
     parser.add_argument("--rules", default="", help="comma-separated rules (default: every rule, with and without +propagate)")
     parser.add_argument("--labels", default="", help="image_id,label CSV of every image (default: the data builder's)")
     parser.add_argument("--fresh", action="store_true", help="recompute the cached member outputs")
+    parser.add_argument("--cache-commit", default="", help="read the members from the cache written at this commit "
+                        "(full hash) and compute none: rescore cached members after a change to rules or estimators")
     parser.add_argument("--encoder-seeds", default="", help="comma-separated run seeds, one encoder each (default: the run's)")
     parser.add_argument("--pool", default="train", choices=["train", "test"],
                         help="supports from the non-test (default) or the labeled test images")
     args = parser.parse_args()
     guarded(lambda: run_redraws(load_config(args.config, args.overrides), args.draws, _names(args.members),
                                 _names(args.rules), seed=args.seed, labels_csv=args.labels, fresh=args.fresh,
-                                encoder_seeds=_seeds(args.encoder_seeds), pool_split=args.pool) and None)
+                                encoder_seeds=_seeds(args.encoder_seeds), pool_split=args.pool,
+                                cache_commit=args.cache_commit) and None)

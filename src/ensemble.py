@@ -18,7 +18,6 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 from sklearn.model_selection import GroupKFold
 
 from src.errors import UserError
@@ -36,12 +35,25 @@ def mean_probs(probs: list[np.ndarray], weights: np.ndarray | None = None) -> np
     return out.astype(np.float32)
 
 
-def rank_average(probs: list[np.ndarray]) -> np.ndarray:
-    """Average of per-class ranks across rows (each column ranked over the rows, scaled to 0..1),
-    renormalised per row. Insensitive to the members' calibration; needs many rows to be fine."""
-    ranks = [np.stack([(rankdata(p[:, c]) - 1) / max(len(p) - 1, 1) for c in range(p.shape[1])], 1)
-             for p in probs]
-    r = np.mean(ranks, axis=0) + EPS
+def percentile_ranks(p: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """(n, C) mid-rank percentile of every entry of p among the same column of `reference` (R, C):
+    (#{ref < x} + #{ref <= x}) / (2 R), in [0, 1]. Rows of `reference` itself get (rank - 1/2) / R."""
+    p, reference = np.asarray(p, np.float64), np.asarray(reference, np.float64)
+    out = np.empty_like(p)
+    for c in range(p.shape[1]):
+        ref = np.sort(reference[:, c])
+        out[:, c] = (np.searchsorted(ref, p[:, c], "left") + np.searchsorted(ref, p[:, c], "right")) / (2 * len(ref))
+    return out
+
+
+def rank_average(probs: list[np.ndarray], reference: list[np.ndarray] | None = None) -> np.ndarray:
+    """Average across members of per-class percentile ranks, renormalised per row. Each member's
+    column is ranked among the same column of its `reference` rows (default: the rows themselves):
+    the LOO rows of the labeled images are ranked among the test rows, so their scores are the same
+    function of the member's probabilities as the test images' and the rule's local CV and accuracy
+    estimates read what is submitted. Insensitive to the members' calibration; needs many rows."""
+    reference = probs if reference is None else reference
+    r = np.mean([percentile_ranks(p, ref) for p, ref in zip(probs, reference)], axis=0) + EPS
     return (r / r.sum(1, keepdims=True)).astype(np.float32)
 
 
@@ -293,7 +305,8 @@ def rule_weighted(m: Members, p: RuleParams) -> Combined:
 
 @rule("rank")
 def rule_rank(m: Members, p: RuleParams) -> Combined:
-    return Combined(rank_average(m.oof), rank_average(m.probs), None, "per-class rank average")
+    return Combined(rank_average(m.oof, m.probs), rank_average(m.probs), None,
+                    "per-class percentile rank among the test rows, averaged")
 
 
 @rule("best")

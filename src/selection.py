@@ -348,14 +348,17 @@ def format_markdown(agg: dict, title: str = "") -> str:
 # ---------------------------------------------------------------------------------------------
 # The driver
 # ---------------------------------------------------------------------------------------------
-def _fingerprint(cfg: Config, paths: RunPaths, n_per_class: int, seed: int, pool_split: str = "train") -> str:
+def _fingerprint(cfg: Config, paths: RunPaths, n_per_class: int, seed: int, pool_split: str = "train",
+                 code: str = "") -> str:
+    """The member cache's key: config sections, seeds, 01_ssl's fingerprint and the code version
+    (`code`, default the current commit)."""
     from src.runtime import git_commit
 
     ssl = io.read_json(paths.done_marker("ssl"))["fingerprint"]
     sections = {s: dataclasses.asdict(getattr(cfg, s)) for s in ("data", "pseudo", "heads", "cv")}
     sections["cv"].pop("estimator")  # what is reported, not how members are computed
     blob = json.dumps({"sections": sections, "seed": cfg.run.seed,
-                       "draw_seed": seed, "per_class": n_per_class, "ssl": ssl, "code": git_commit(),
+                       "draw_seed": seed, "per_class": n_per_class, "ssl": ssl, "code": code or git_commit(),
                        **({"pool": pool_split} if pool_split != "train" else {})}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -397,7 +400,8 @@ def train_encoder(cfg: Config) -> None:
 
 def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None, rules: list[str] | None = None,
                 default: str = "", seed: int = 0, labels_csv: str = "", n_train: int = 2, n_val: int = 1,
-                fresh: bool = False, encoder_seeds: list[int] | None = None, pool_split: str = "train") -> dict:
+                fresh: bool = False, encoder_seeds: list[int] | None = None, pool_split: str = "train",
+                cache_commit: str = "") -> dict:
     """Draw supports, compute (or load) every member per draw, apply every rule, score members, rules
     and accuracy estimators against truth, aggregate; writes results.json and table.md under
     paths.redraw_dir of `cfg`'s run. Returns the aggregate.
@@ -406,7 +410,10 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     outputs are missing) and draw the same supports on each, so the table holds the encoder's
     variance as well as the support's. pool_split: where supports come from: "train" (the non-test
     images of known label: never a scored image) or "test" (test images of known label: each draw's
-    support leaves the scored set; for a competition whose only labels beyond the support are test ones)."""
+    support leaves the scored set; for a competition whose only labels beyond the support are test ones).
+    cache_commit: read the members from the cache written at that commit (full hash, as git rev-parse
+    HEAD prints it; "+dirty" if the tree had changes) instead of the current one, and compute none:
+    for rescoring cached members after a change to the rules or estimators only."""
     from threadpoolctl import threadpool_limits
 
     paths = RunPaths(cfg)
@@ -425,6 +432,8 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
         raise UserError(f"--draws: must be >= 1, got {n_draws}")
     if pool_split not in ("train", "test"):
         raise UserError(f"--pool: expected train or test, got '{pool_split}'")
+    if cache_commit and fresh:
+        raise UserError("--cache-commit: reads an earlier commit's cache; --fresh would recompute it")
     cfgs = encoder_configs(cfg, encoder_seeds)
     records, t0 = [], time.perf_counter()
     with threadpool_limits(1):
@@ -433,7 +442,7 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
                 with threadpool_limits(None):
                     train_encoder(c)
             for rec in encoder_records(c, n_draws, members, rules, params, seed, labels_csv, n_train, n_val,
-                                       fresh, pool_split, t0):
+                                       fresh, pool_split, t0, cache_commit):
                 records.append(rec | {"encoder_seed": c.run.seed})
     agg = aggregate(records, default)
     agg |= {"members_list": members, "rules_list": rules, "seed": seed, "support_per_class": [n_train, n_val],
@@ -454,7 +463,8 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
 
 
 def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[str], params: RuleParams, seed: int,
-                    labels_csv: str, n_train: int, n_val: int, fresh: bool, pool_split: str, t0: float):
+                    labels_csv: str, n_train: int, n_val: int, fresh: bool, pool_split: str, t0: float,
+                    cache_commit: str = ""):
     """Scored records of every draw on the SSL embeddings of `cfg`'s run (one encoder)."""
     from src.runtime import resolve_device
 
@@ -487,7 +497,10 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
         from src.models.encoder import load_encoder
 
         encoder = load_encoder(paths.encoder("ssl"), paths.encoder_spec("ssl"), device)
-    cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed, pool_split)
+    cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed, pool_split, cache_commit)
+    if cache_commit and not cache.is_dir():
+        raise UserError(f"--cache-commit {cache_commit}: no member cache of this config and run at that commit "
+                        f"({cache.parent})")
     if fresh and cache.exists():
         import shutil
 
@@ -500,7 +513,7 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
     context = TransductiveContext(l2_normalize(emb), device)  # the kNN graph is label-free: built once
     for d in tqdm(range(n_draws), desc="draws", disable=not cfg.run.progress):
         m, scored = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder,
-                                 cache / f"draw_{d:03d}", context)
+                                 cache / f"draw_{d:03d}", context, read_only=bool(cache_commit))
         rec = score_draw(m, apply_rules(m, rules, params), labels[scored])
         rec |= {"draw": d, "support": supports[d].tolist(), "n_scored": int((labels[scored] >= 0).sum())}
         if not cfg.run.progress:
@@ -512,10 +525,12 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
 
 
 def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np.ndarray, support: np.ndarray,
-                 names: list[str], device, encoder, cache: Path, context=None) -> tuple[Members, np.ndarray]:
+                 names: list[str], device, encoder, cache: Path, context=None,
+                 read_only: bool = False) -> tuple[Members, np.ndarray]:
     """Members of one draw, from the cache where present, and the rows (T,) their test probabilities
     score. Only support rows' labels are passed on. context: the transductive heads'
-    TransductiveContext (label-free: one for every draw) or None."""
+    TransductiveContext (label-free: one for every draw) or None. read_only: a member missing from
+    the cache is an error (an earlier commit's cache: nothing is computed or written into it)."""
     data_d = relabel(data, support, labels)
     inp = DrawInputs(cfg, data_d, emb, device, encoder, context=context)
     table = None
@@ -530,6 +545,9 @@ def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np
         if f.exists():
             outs[name] = _load(f)
             continue
+        if read_only:
+            raise UserError(f"--cache-commit: {f} not found (member '{name}' was not computed at that commit "
+                            "for this draw; lower --draws or leave it out of --members)")
         outs[name] = member_outputs(name, inp)
         _save(f, outs[name])
         if table is None:

@@ -22,10 +22,25 @@ def test_mean_and_rank_average_hand_values():
     b = np.array([[0.5, 0.5], [0.4, 0.6], [0.1, 0.9]], np.float32)
     np.testing.assert_allclose(mean_probs([a, b]), (a + b) / 2, atol=1e-6)
     np.testing.assert_allclose(mean_probs([a, b], np.array([3.0, 1.0])), 0.75 * a + 0.25 * b, atol=1e-6)
-    # column ranks scaled to 0..1: a[:,0] -> (1, 0, .5), b[:,0] -> (1, .5, 0); class 1 the mirror
+    # mid-rank percentiles among 3 rows: a[:,0] -> (5/6, 1/6, 1/2), b[:,0] -> (5/6, 1/2, 1/6); class 1 the mirror
     r = rank_average([a, b])
-    np.testing.assert_allclose(r[:, 0], [1.0, 0.25, 0.25], atol=1e-4)
+    np.testing.assert_allclose(r[:, 0], [5 / 6, 1 / 3, 1 / 3], atol=1e-4)
     assert r[0].argmax() == 0 and np.allclose(r.sum(1), 1)
+
+
+def test_rank_average_scores_query_rows_among_the_reference_rows():
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(0)
+    test = [rng.dirichlet(np.ones(4), 200).astype(np.float32) for _ in range(3)]
+    # the test rows' argmax is that of the plain column-rank average (scipy's rankdata)
+    plain = np.mean([np.stack([rankdata(p[:, c]) for c in range(4)], 1) for p in test], 0)
+    assert (rank_average(test).argmax(1) == plain.argmax(1)).all()
+    # a labeled row equal to test row 7 of every member scores exactly as that test row does
+    query = [p[[7, 11]] for p in test]
+    np.testing.assert_allclose(rank_average(query, test), rank_average(test)[[7, 11]], atol=1e-6)
+    # ranked among themselves, two rows are just first and second: not the test rows' scale
+    assert not np.allclose(rank_average(query), rank_average(test)[[7, 11]], atol=1e-3)
 
 
 def test_greedy_weights_prefer_the_member_that_is_right_on_cv():

@@ -91,7 +91,7 @@ def test_atc_fraction_counts_rows_above_the_threshold_and_splits_ties():
 
 
 def test_loo_and_blend():
-    """LOO is the labeled rows' accuracy; blend is the mean of its four parts, value and interval."""
+    """LOO is the labeled rows' accuracy; blend is the mean of its four parts, its interval at least the LOO's width."""
     truth, y, probs, oof = noisy_labelers([0.9, 0.7, 0.6])
     ctx = EstimateContext(probs, oof, y)
     loo = estimate.est_loo(probs[0], oof[0], ctx)
@@ -99,7 +99,15 @@ def test_loo_and_blend():
     parts = [ESTIMATORS.get(n)(probs[0], oof[0], ctx) for n in estimate.BLEND]
     blend = estimate.est_blend(probs[0], oof[0], ctx)
     assert blend.value == pytest.approx(np.mean([e.value for e in parts]))
-    assert blend.lo == pytest.approx(np.mean([e.lo for e in parts])) and blend.lo <= blend.value <= blend.hi
+    # bounds: the parts' mean, moved out to the LOO's Wilson half-width about the value where that is wider
+    lo, hi = np.mean([e.lo for e in parts]), np.mean([e.hi for e in parts])
+    assert blend.lo == pytest.approx(max(0.0, min(lo, blend.value - (loo.value - loo.lo))))
+    assert blend.hi == pytest.approx(min(1.0, max(hi, blend.value + (loo.hi - loo.value))))
+    assert blend.lo <= blend.value <= blend.hi and blend.hi - blend.lo >= min(hi - lo, loo.hi - loo.lo) - 1e-9
+    wide = estimate.blend_of(parts, estimate.Estimate(0.5, 0.0, 1.0))  # a Wilson interval wider than the parts'
+    assert (wide.lo, wide.hi) == (pytest.approx(max(0.0, blend.value - 0.5)), pytest.approx(min(1.0, blend.value + 0.5)))
+    narrow = estimate.blend_of(parts, estimate.Estimate(0.5, 0.5, 0.5))  # a point: the parts' mean stands
+    assert (narrow.lo, narrow.hi) == (pytest.approx(lo), pytest.approx(hi))
     out = estimate_all(probs[0], oof[0], ctx)
     assert set(out) == set(ESTIMATORS.names()) and all(0 <= v["estimate"] <= 1 for v in out.values())
 

@@ -181,6 +181,21 @@ def test_redraw_cache_and_cli(redraw_run, capsys):
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())  # members reused from the cache
     second = json.loads((paths.redraw_dir / "results.json").read_text())
     assert second["aggregate"]["rules"]["mean"] == first["aggregate"]["rules"]["mean"]
+    # --cache-commit: the cache of a named commit (here the current one) is read, and nothing computed
+    from src.runtime import git_commit
+
+    code, err = run_script("redraw.py", *overrides, "--draws", "2", "--members", "protonet,knn", "--rules", "mean",
+                           "--cache-commit", git_commit(), capsys=capsys)
+    assert code == 0, err
+    assert json.loads((paths.redraw_dir / "results.json").read_text())["aggregate"]["rules"]["mean"] == \
+        first["aggregate"]["rules"]["mean"]
+    for args, message in ((["--cache-commit", "0" * 40], "no member cache of this config"),
+                          (["--cache-commit", git_commit(), "--members", "protonet,logreg"],
+                           "member 'logreg' was not computed at that commit"),
+                          (["--cache-commit", git_commit(), "--fresh"], "--fresh would recompute it")):
+        code, err = run_script("redraw.py", *overrides, "--draws", "2", *args, capsys=capsys)
+        assert code == 2 and message in err and err.strip().count("\n") == 0, err
+    assert {p.name for p in (paths.redraw_dir / "cache").rglob("*.safetensors")} == {p.name for p in cached}
     for args, message in ((["--members", "protonet,nope"], "unknown member 'nope'"),
                           (["--rules", "mean,nope"], "--rules: unknown rule 'nope'"),
                           (["--draws", "0"], "--draws: must be >= 1"),
