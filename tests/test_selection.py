@@ -250,3 +250,39 @@ def test_redraws_over_encoder_seeds_and_test_pool(redraw_run, monkeypatch, capsy
         assert d["n_scored"] == len(data.test_idx) - len(d["support"])  # and not scored
     code, err = run_script("redraw.py", *overrides, "--encoder-seeds", "1,x", capsys=capsys)
     assert code == 2 and "--encoder-seeds: expected comma-separated integers" in err, err
+
+
+def test_relabel_loo_script_reads_the_redraw_cache(redraw_run, capsys):
+    """scripts/relabel_loo.py: the group LOO it prints is the cached member's (redraw.py's cv), the
+    relabel LOO is computed, and a member that reads no pseudo-labels exits 2 with one line."""
+    import re
+    import runpy
+    import sys
+    from pathlib import Path
+
+    cfg, paths, overrides = redraw_run
+    code, err = run_script("redraw.py", *overrides, "--pool", "test", "--draws", "1", "--members", "protonet,knn",
+                           "--rules", "mean", capsys=capsys)
+    assert code == 0, err
+    cv = json.loads((paths.redraw_dir / "results.json").read_text())["draws"][0]["members"]
+
+    def script(*args):
+        argv = sys.argv
+        sys.argv = ["relabel_loo.py", *overrides, *args]
+        try:
+            runpy.run_path(str(Path(selection.__file__).parents[1] / "scripts" / "relabel_loo.py"), run_name="__main__")
+        except SystemExit as exc:
+            return exc.code
+        finally:
+            sys.argv = argv
+
+    capsys.readouterr()
+    assert script("--draws", "1", "--members", "protonet,knn") == 0
+    out = capsys.readouterr().out
+    for m in ("protonet", "knn"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"draw 0 {m}:"))
+        assert f"LOO group {cv[m]['cv']:.3f}" in line and re.search(r"LOO relabel [01]\.\d{3}", line), line
+        assert f"{m}: LOO - test over 1 draws" in out
+    assert script("--draws", "1", "--members", "logreg") == 2
+    err = capsys.readouterr().err.strip()
+    assert "'logreg' reads no pseudo-labels" in err and err.count("\n") == 0
