@@ -9,9 +9,12 @@ on the support draws of `pipelines/redraw.py --pool test` (its cached members; r
     python scripts/relabel_loo.py -c configs/cifar_cpu_pretrained.yaml run.name=RUN \
         --labels TRUTH.csv --draws 20 --members protonet,knn   # after redraw.py ... --pool test
 
-Prints one line per draw and member (test accuracy, both LOOs) and the mean bias of each. The truth
-file scores and draws the supports, as in redraw.py; nothing is fit on it. A research harness, not a
-stage (docs/RESULTS.md, "Accuracy estimates").
+Prints one line per draw and member (test accuracy, both LOOs) and the mean bias of each. With
+--table, every member and rule of the redraw run (its results.json) is scored again as redraw.py
+scores them, with the relabel LOO in place of the group LOO for the members above, and the re-draw
+table (rules and accuracy estimators) is printed and written to runs/<run>/redraw/relabel/. The truth
+file scores and draws the supports, as in redraw.py; nothing is fit on it, and no rule or estimator
+sees it. A research harness, not a stage (docs/RESULTS.md, "Accuracy estimates").
 """
 from __future__ import annotations
 
@@ -57,6 +60,14 @@ def main(args) -> None:
     context = TransductiveContext(l2_normalize(emb), device)
     empty = np.zeros(0, np.int64)
     bias = {m: [] for m in members}
+    records, table_members, params = [], [], None
+    if args.table:
+        from src.ensemble import RuleParams
+        from src.selection import aggregate, apply_rules, draw_members, format_markdown, score_draw
+
+        run_info = io.read_json(paths.redraw_dir / "results.json")["aggregate"]
+        table_members, rules = run_info["members_list"], run_info["rules_list"]
+        params = RuleParams.from_config(cfg.ensemble, cfg.run.seed, cfg.cv.estimator)
     t0 = time.perf_counter()
     for d in range(args.draws):
         data_d = relabel(data, supports[d], labels)
@@ -67,17 +78,33 @@ def main(args) -> None:
             pseudo = pseudo_rows(table, data_d, cfg.heads.pseudo_min_confidence)
             folds.append(CrossFold(np.array([i]), head_inputs(cfg, data_d, context.x, pseudo, device, context,
                                                               tie_pseudo=False)))
-        for m in members:
+        outs = {}
+        for m in dict.fromkeys([*members, *table_members]):
             f = cache / f"draw_{d:03d}" / f"{m}.safetensors"
             if not f.exists():
                 raise UserError(f"{f}: not found (lower --draws, or run redraw.py with this member)")
-            cached = _load(f)
+            outs[m] = _load(f)
+        for m in members:
+            cached = outs[m]
             acc = float((cached["probs"].argmax(1) == truth)[truth >= 0].mean())
             group = float((cached["oof"].argmax(1) == y).mean())
-            again = float((crossfit_oof(m, cfg, folds, True, None, device).argmax(1) == y).mean())
+            outs[m] = cached | {"oof": crossfit_oof(m, cfg, folds, True, None, device)}
+            again = float((outs[m]["oof"].argmax(1) == y).mean())
             bias[m].append((again - acc, group - acc))
             print(f"draw {d} {m}: test {acc:.3f}  LOO group {group:.3f}  LOO relabel {again:.3f}  "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        if args.table:  # the cached members (and stacker table) of the draw, the relabel LOO swapped in
+            mem, _ = draw_members(cfg, data, emb, labels, supports[d], table_members, device, None,
+                                  cache / f"draw_{d:03d}", context, read_only=True)
+            mem.oof = [outs[n]["oof"] if n in members else o for n, o in zip(table_members, mem.oof)]
+            records.append(score_draw(mem, apply_rules(mem, rules, params), truth) | {"draw": d})
+    if args.table:
+        agg = aggregate(records, cfg.ensemble.method)
+        md = format_markdown(agg, f"Re-draw evaluation with the relabel LOO ({', '.join(members)}): run "
+                                  f"{cfg.run.name}, {args.draws} draws")
+        io.write_json(paths.redraw_dir / "relabel" / "results.json", {"aggregate": agg, "draws": records})
+        io.write_text(paths.redraw_dir / "relabel" / "table.md", md + "\n")
+        print(md)
     for m, b in bias.items():
         b = 100 * np.asarray(b)
         print(f"{m}: LOO - test over {len(b)} draws: relabel mean {b[:, 0].mean():+.1f} (mean abs {np.abs(b[:, 0]).mean():.1f}), "
@@ -90,5 +117,7 @@ if __name__ == "__main__":
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (as redraw.py's)")
     parser.add_argument("--members", default="protonet,knn")
+    parser.add_argument("--table", action="store_true", help="score every member, rule and estimator of the redraw "
+                        "run again with the relabel LOO (writes runs/<run>/redraw/relabel/)")
     parser.add_argument("--cache-commit", default="", help="the commit whose member cache to read (default: the current)")
     guarded(lambda: main(parser.parse_args()))

@@ -283,6 +283,13 @@ def test_relabel_loo_script_reads_the_redraw_cache(redraw_run, capsys):
         line = next(ln for ln in out.splitlines() if ln.startswith(f"draw 0 {m}:"))
         assert f"LOO group {cv[m]['cv']:.3f}" in line and re.search(r"LOO relabel [01]\.\d{3}", line), line
         assert f"{m}: LOO - test over 1 draws" in out
+    # --table: the redraw run's members and rules scored again, the relabel LOO in place for knn only
+    assert script("--draws", "1", "--members", "knn", "--table") == 0
+    out = capsys.readouterr().out
+    again = json.loads((paths.redraw_dir / "relabel" / "results.json").read_text())["draws"][0]["members"]
+    line = next(ln for ln in out.splitlines() if ln.startswith("draw 0 knn:"))
+    assert f"LOO relabel {again['knn']['cv']:.3f}" in line and "| estimator |" in out
+    assert again["protonet"]["cv"] == cv["protonet"]["cv"] and again["knn"]["truth"] == cv["knn"]["truth"]
     assert script("--draws", "1", "--members", "logreg") == 2
     err = capsys.readouterr().err.strip()
     assert "'logreg' reads no pseudo-labels" in err and err.count("\n") == 0
