@@ -18,6 +18,7 @@ sees it. A research harness, not a stage (docs/RESULTS.md, "Accuracy estimates")
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -37,7 +38,7 @@ from src.paths import RunPaths  # noqa: E402
 def main(args) -> None:
     from src.heads import l2_normalize
     from src.runtime import resolve_device
-    from src.selection import _fingerprint, _load, draw_supports, known_labels, relabel
+    from src.selection import _fingerprint, draw_members, draw_supports, known_labels, relabel
     from src.stages.heads import CrossFold, crossfit_oof, head_inputs, pseudo_rows
     from src.stages.pseudo import label_round, labeler_input
     from src.transductive import TransductiveContext
@@ -63,7 +64,7 @@ def main(args) -> None:
     records, table_members, params = [], [], None
     if args.table:
         from src.ensemble import RuleParams
-        from src.selection import aggregate, apply_rules, draw_members, format_markdown, score_draw
+        from src.selection import aggregate, apply_rules, format_markdown, score_draw
 
         run_info = io.read_json(paths.redraw_dir / "results.json")["aggregate"]
         table_members, rules = run_info["members_list"], run_info["rules_list"]
@@ -78,25 +79,23 @@ def main(args) -> None:
             pseudo = pseudo_rows(table, data_d, cfg.heads.pseudo_min_confidence)
             folds.append(CrossFold(np.array([i]), head_inputs(cfg, data_d, context.x, pseudo, device, context,
                                                               tie_pseudo=False)))
-        outs = {}
-        for m in dict.fromkeys([*members, *table_members]):
-            f = cache / f"draw_{d:03d}" / f"{m}.safetensors"
-            if not f.exists():
-                raise UserError(f"{f}: not found (lower --draws, or run redraw.py with this member)")
-            outs[m] = _load(f)
+        # the draw's cached members (and stacker table); the table's members first
+        names = list(dict.fromkeys([*table_members, *members]))
+        mem, _ = draw_members(cfg, data, emb, labels, supports[d], names, device, None, cache / f"draw_{d:03d}",
+                              context, read_only=True)
         for m in members:
-            cached = outs[m]
-            acc = float((cached["probs"].argmax(1) == truth)[truth >= 0].mean())
-            group = float((cached["oof"].argmax(1) == y).mean())
-            outs[m] = cached | {"oof": crossfit_oof(m, cfg, folds, True, None, device)}
-            again = float((outs[m]["oof"].argmax(1) == y).mean())
+            k = names.index(m)
+            acc = float((mem.probs[k].argmax(1) == truth)[truth >= 0].mean())
+            group = float((mem.oof[k].argmax(1) == y).mean())
+            mem.oof[k] = crossfit_oof(m, cfg, folds, True, None, device)  # the relabel LOO swapped in
+            again = float((mem.oof[k].argmax(1) == y).mean())
             bias[m].append((again - acc, group - acc))
             print(f"draw {d} {m}: test {acc:.3f}  LOO group {group:.3f}  LOO relabel {again:.3f}  "
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
-        if args.table:  # the cached members (and stacker table) of the draw, the relabel LOO swapped in
-            mem, _ = draw_members(cfg, data, emb, labels, supports[d], table_members, device, None,
-                                  cache / f"draw_{d:03d}", context, read_only=True)
-            mem.oof = [outs[n]["oof"] if n in members else o for n, o in zip(table_members, mem.oof)]
+        if args.table:
+            n = len(table_members)
+            mem = dataclasses.replace(mem, names=names[:n], oof=mem.oof[:n], probs=mem.probs[:n],
+                                      transductive=mem.transductive[:n], stack=mem.stack[:n])
             records.append(score_draw(mem, apply_rules(mem, rules, params), truth) | {"draw": d})
     if args.table:
         agg = aggregate(records, cfg.ensemble.method)
