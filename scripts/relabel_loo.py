@@ -14,7 +14,8 @@ Prints one line per draw and member (test accuracy, both LOOs) and the mean bias
 scores them, with the relabel LOO in place of the group LOO for the members above, and the re-draw
 table (rules and accuracy estimators) is printed and written to runs/<run>/redraw/relabel/. The truth
 file scores and draws the supports, as in redraw.py; nothing is fit on it, and no rule or estimator
-sees it. A research harness, not a stage (docs/RESULTS.md, "Accuracy estimates").
+sees it. A research harness, not a stage (docs/RESULTS.md, "Accuracy estimates"); in a run, the
+relabel LOO is 02_pseudo's `pseudo.crossfit_folds=-1` (leave-one-out folds), which 05_heads reads.
 """
 from __future__ import annotations
 

@@ -175,11 +175,14 @@ class PseudoCfg:
     # Round 0 labels the ssl embeddings; each further round self-trains the encoder on the previous
     # round's selection, re-embeds every image and labels again: rounds + 1 label tables in all.
     rounds: int = 2
-    # Cross-fitting for local CV: > 0 runs every round again once per fold of the labeled images (fold k
-    # holds out the k-th image of each class), as if those labels did not exist, and 05_heads predicts each
+    # Cross-fitting for local CV: runs every round again once per fold of the labeled images (fold k holds
+    # out the k-th image of each class), as if those labels did not exist, and 05_heads predicts each
     # held-out image from its fold's embeddings and pseudo-labels. Without it, leave-one-out on self-trained
-    # embeddings is optimistic: they learned labels propagated from the held-out image. 0: off; else 2 up
-    # to the fewest labeled images of a class. Costs the rounds once more per fold.
+    # embeddings is optimistic (they learned labels propagated from the held-out image), and on round-0
+    # pseudo-labels pessimistic (the held-out image's pseudo-labelled neighbours leave the fit with it).
+    # 0: off; 2 up to the fewest labeled images of a class; -1: leave-one-out, every labeled image its own
+    # fold, so each fold labels from 29 of the 30 labels, not 20 (round 0 reuses the run's kNN graph, about
+    # a second a fold; trained rounds cost once per labeled image). Costs the rounds once more per fold.
     crossfit_folds: int = 0
     labelers: list[str] = field(default_factory=lambda: ["propagation", "kmeans", "prototype"])  # + scan, knn
     combine: str = "first"  # first (others: agreement only) | vote (majority) | mean | product (geometric mean)

@@ -84,7 +84,11 @@ def test_a_fold_hides_exactly_its_labels():
 def test_a_fold_count_that_cannot_work_stops_with_one_line(tmp_path, capsys):
     code, err = run_script("02_pseudo.py", "-c", "configs/demo.yaml", f"run.root={tmp_path}", "pseudo.crossfit_folds=1",
                            capsys=capsys)
-    assert code == 2 and err.strip() == "error: pseudo.crossfit_folds: 0 (off) or at least 2, got 1", err
+    assert code == 2 and err.strip() == "error: pseudo.crossfit_folds: 0 (off), -1 (leave-one-out) or at least 2, got 1", err
+    assert not any(tmp_path.iterdir())
+    code, err = run_script("02_pseudo.py", "-c", "configs/demo.yaml", f"run.root={tmp_path}", "pseudo.crossfit_folds=-2",
+                           capsys=capsys)
+    assert code == 2 and err.strip().endswith("or at least 2, got -2"), err
     assert not any(tmp_path.iterdir())
     index = pd.DataFrame({"image_id": list("abcdefg"), "split": ["train"] * 6 + ["test"], "label": [0, 1] * 3 + [-1]})
     cfg = Config()
@@ -93,6 +97,23 @@ def test_a_fold_count_that_cannot_work_stops_with_one_line(tmp_path, capsys):
         pseudo_stage.validate_data(cfg, CompetitionData(np.zeros((7, 2, 2, 3), np.uint8), index, [0, 1]))
     cfg.pseudo.crossfit_folds = 3
     pseudo_stage.validate_data(cfg, CompetitionData(np.zeros((7, 2, 2, 3), np.uint8), index, [0, 1]))
+    cfg.pseudo.crossfit_folds = -1  # leave-one-out: any class with two labeled images
+    pseudo_stage.validate_data(cfg, CompetitionData(np.zeros((7, 2, 2, 3), np.uint8), index, [0, 1]))
+    one = index.assign(label=[0, 1, 1, 1, 1, 1, -1])
+    with pytest.raises(UserError, match=r"^pseudo.crossfit_folds: -1 \(leave-one-out\), but a class has only 1 labeled"):
+        pseudo_stage.validate_data(cfg, CompetitionData(np.zeros((7, 2, 2, 3), np.uint8), one, [0, 1]))
+
+
+def test_leave_one_out_folds_hold_out_one_labeled_image_each():
+    index = pd.DataFrame({"image_id": list("abcdefg"), "split": ["train"] * 4 + ["val", "test", "test"],
+                          "label": [1, 0, 1, 0, 1, -1, -1]})
+    data = CompetitionData(np.zeros((7, 2, 2, 3), np.uint8), index, [0, 1])
+    fold, spec = pseudo_stage.crossfit_spec(data, pseudo_stage.LEAVE_ONE_OUT)
+    np.testing.assert_array_equal(fold, np.arange(5))
+    assert spec == {"folds": 5, "leave_one_out": True, "fold_of": {k: i for i, k in enumerate("abcde")}}
+    fold, spec = pseudo_stage.crossfit_spec(data, 2)
+    np.testing.assert_array_equal(fold, [0, 0, 1, 1, 0])
+    assert spec["folds"] == 2 and not spec["leave_one_out"]
 
 
 def test_fold_paths_move_only_the_pseudo_stage(tmp_path):

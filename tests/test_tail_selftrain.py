@@ -158,6 +158,46 @@ def test_a_tail_round_trains_the_tail_only_and_its_cross_fitted_folds_feed_the_l
         np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-4)  # every labeled image predicted once
 
 
+def test_leave_one_out_folds_relabel_round_0_without_each_label_and_feed_the_loo(comp, digits_folder, tmp_path,
+                                                                                capsys):
+    from src.config import load_config
+    from src.data import load_data
+    from src.paths import RunPaths
+    from src.stages.pseudo import label_round, labeler_input
+
+    args = [*_args(comp, digits_folder, tmp_path), "pseudo.rounds=0", "pseudo.labelers=[propagation]"]
+    for stage in ("00_prepare.py", "01_ssl.py", "02_pseudo.py"):
+        folds = ["pseudo.crossfit_folds=-1"] if stage == "02_pseudo.py" else []
+        code, err = run_script(stage, "-c", CONFIG, *args, *folds, capsys=capsys)
+        assert code == 0, (stage, err[-2000:])
+    run = tmp_path / "runs/t"
+    spec = json.loads((run / "02_pseudo/crossfit/folds.json").read_text())
+    assert spec["folds"] == 30 and spec["leave_one_out"] and sorted(spec["fold_of"].values()) == list(range(30))
+    cfg = load_config(CONFIG, [*args, "pseudo.crossfit_folds=-1"])
+    data = load_data(RunPaths(cfg))
+    emb = np.load(run / "01_ssl/embeddings.npy").astype(np.float32)
+    graph, empty = labeler_input(cfg, emb, None), np.zeros(0, np.int64)
+    ids = data.index["image_id"].astype(str).to_numpy()
+    for k in (0, 17, 29):
+        fdir = run / f"02_pseudo/crossfit/fold{k}"
+        # round 0 trains nothing: the fold writes its labels, not a copy of the embeddings
+        assert sorted(p.name for p in fdir.iterdir()) == ["_done.json", "labels.csv"]
+        assert json.loads((fdir / "_done.json").read_text())["trained"] is False
+        row = data.labeled_idx[[spec["fold_of"][i] for i in ids[data.labeled_idx]].index(k)]
+        table = pd.read_csv(fdir / "labels.csv", dtype={"image_id": str})
+        reference, _ = label_round(cfg, data.without_labels(np.array([row])), graph, None, empty, empty, None)
+        pd.testing.assert_frame_equal(table, reference.astype(table.dtypes.to_dict()), check_exact=False, atol=1e-6)
+        assert set(table["image_id"]) & set(ids[data.labeled_idx]) == {ids[row]}  # only its label was hidden
+
+    code, err = run_script("05_heads.py", "-c", CONFIG, *args, "pseudo.crossfit_folds=-1", "heads.heads=[protonet,knn]",
+                           "heads.pseudo_heads=[knn]", "cv.redraws=2", "cv.episodes=2", capsys=capsys)
+    assert code == 0, err[-2000:]
+    cv = json.loads((run / "05_heads/cv.json").read_text())
+    for head in ("protonet", "knn"):
+        assert cv["heads"][head]["crossfit_folds"] == 30
+        np.testing.assert_allclose(np.load(run / f"05_heads/{head}/oof.npy").sum(1), 1.0, atol=1e-4)
+
+
 @pytest.mark.parametrize("repeat", [0, 3])
 def test_tail_rows_leave_out_or_repeat_the_labeled_images(repeat, monkeypatch):
     from src.config import PseudoCfg

@@ -255,7 +255,8 @@ def crossfit_folds(cfg: Config, paths: RunPaths, data: CompetitionData, source: 
             raise UserError(f"{fp.done_marker('pseudo')}: not found: cross-fit fold {k} did not finish "
                             "(run 02_pseudo again)")
         x, context = h.x, h.context
-        if source == "pseudo":
+        # a fold whose rounds trained nothing wrote no embeddings: they are the heads' own
+        if source == "pseudo" and io.read_json(fp.done_marker("pseudo")).get("trained", True):
             emb = io.read_npy(fp.embeddings("pseudo"))
             if emb.shape != h.x.shape:
                 raise UserError(f"{fp.embeddings('pseudo')}: shape {emb.shape}, expected {h.x.shape}")

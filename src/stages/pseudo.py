@@ -11,7 +11,7 @@ Files (paths.stage("pseudo")): round{r}/labels.csv (image_id,label,confidence,so
 round{r}/embeddings.npy, round{r}/encoder.* + classifier.safetensors + train.json (trained rounds),
 round{r}/summary.json, round{r}/_done.json; final labels.csv, encoder.*, embeddings.npy;
 crossfit/folds.json + crossfit/fold{k}/labels.csv, embeddings.npy (pseudo.crossfit_folds: the rounds
-again without fold k's labels, for 05_heads' leave-one-out);
+again without fold k's labels, for 05_heads' leave-one-out; no embeddings when no round trained);
 summary.csv + precision_coverage.png (precision needs cfg.data.truth: reporting only); log.jsonl.
 An interrupted run restarts after the last finished round (and mid-round from the self-training
 checkpoint). Under torchrun every process self-trains; rank 0 labels and writes.
@@ -49,6 +49,7 @@ from src.train_utils import barrier, dist_info, local_device
 from src.transductive import TransductiveContext, center_normalize, compute_prototypes
 
 STAGE_KEY = "pseudo"
+LEAVE_ONE_OUT = -1  # pseudo.crossfit_folds: every labeled image its own fold
 EMBED_BATCH = 1024  # images per forward pass when embedding (memory only)
 # name -> train_round(cfg, paths, data, r, emb, device): self-trains round r, saves its encoder and classifier
 # in round{r}/ and returns the new (N, D) embeddings of every image (rank 0; other ranks: None)
@@ -82,8 +83,8 @@ def validate(cfg: Config) -> None:
                 "classifier_temperature"):
         if getattr(p, key) <= 0:
             raise UserError(f"pseudo.{key}: must be positive, got {getattr(p, key)}")
-    if p.crossfit_folds == 1 or p.crossfit_folds < 0:
-        raise UserError(f"pseudo.crossfit_folds: 0 (off) or at least 2, got {p.crossfit_folds}")
+    if p.crossfit_folds == 1 or p.crossfit_folds < LEAVE_ONE_OUT:
+        raise UserError(f"pseudo.crossfit_folds: 0 (off), -1 (leave-one-out) or at least 2, got {p.crossfit_folds}")
     for key in ("rounds", "cpu_threads", "self_train_epochs", "tail_labeled_repeat", "scan_epochs", "scan_self_label_epochs", "scan_clusters",
                 "prototype_refine_iters", "max_steps_per_epoch", "self_train_warmup_epochs",
                 "self_train_weight_decay", "consistency_weight", "propagation_gamma", "scan_entropy_weight",
@@ -113,6 +114,9 @@ def validate_data(cfg: Config, data: CompetitionData) -> None:
         raise UserError(f"pseudo.scan_clusters: {p.scan_clusters} is fewer than the {n_classes} classes (0: classes)")
     check_classes(data.class_ids[data.labeled_idx], n_classes)
     fewest = int(np.bincount(data.class_ids[data.labeled_idx], minlength=n_classes).min())
+    if p.crossfit_folds == LEAVE_ONE_OUT and fewest < 2:
+        raise UserError(f"pseudo.crossfit_folds: -1 (leave-one-out), but a class has only {fewest} labeled image; "
+                        "holding it out would leave the class unlabeled")
     if p.crossfit_folds > fewest:
         raise UserError(f"pseudo.crossfit_folds: {p.crossfit_folds} folds, but a class has only {fewest} labeled "
                         f"image(s); each fold must leave every class labeled (at most {fewest})")
@@ -272,17 +276,19 @@ def _run(cfg: Config, paths: RunPaths, device: torch.device) -> dict:
 
 def run_rounds(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarray, device: torch.device,
                truth: pd.DataFrame | None, name: str = "round",
-               first: TransductiveContext | None = None) -> dict[int, dict]:
+               first: TransductiveContext | None = None, copy_untrained: bool = True) -> dict[int, dict]:
     """Rounds 0..pseudo.rounds from the ssl embeddings `emb` (N, D) into paths.pseudo_round(r); a round
     finished earlier is read back. truth: reporting only (None: no truth columns). first: round 0's
-    labeler_input of `emb`, shared with other calls. Returns the summaries."""
+    labeler_input of `emb`, shared with other calls. copy_untrained: write a round's embeddings when it
+    trained nothing (a copy of its input). Returns the summaries."""
     info, p = dist_info(), cfg.pseudo
     summaries: dict[int, dict] = {}
     for r in range(p.rounds + 1):
         rdir = paths.pseudo_round(r)
         if _round_done(paths, r):
             summaries[r] = io.read_json(rdir / "summary.json")
-            emb = io.read_npy(rdir / "embeddings.npy").astype(np.float32)
+            if (rdir / "embeddings.npy").exists():  # else the round trained nothing: its input
+                emb = io.read_npy(rdir / "embeddings.npy").astype(np.float32)
             if info.is_main:
                 print(f"{name} {r}: done earlier (resuming after it)")
             continue
@@ -294,7 +300,8 @@ def run_rounds(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndar
         if info.is_main:
             extra = _selected_support(paths, r - 1, data) if r > 0 else (np.zeros(0, np.int64),) * 2
             table, linfo = label_round(cfg, data, first if r == 0 and first is not None else emb, device, *extra, truth)
-            io.write_npy(rdir / "embeddings.npy", emb.astype(np.float16))
+            if trained or copy_untrained:
+                io.write_npy(rdir / "embeddings.npy", emb.astype(np.float16))
             io.write_csv(paths.pseudo_labels(r), table)
             s = summarize(table, data.classes, truth) | linfo
             s |= embedding_scores(data, emb, cfg.data.truth if truth is not None else "", cfg.run.seed)
@@ -310,7 +317,7 @@ def run_rounds(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndar
                   f"({s['seconds']:.1f}s)")
             _note_cv_drop(summaries, r)
         barrier()
-        if not info.is_main:
+        if not info.is_main and (rdir / "embeddings.npy").exists():
             emb = io.read_npy(rdir / "embeddings.npy").astype(np.float32)
     return summaries
 
@@ -322,10 +329,11 @@ def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarra
     image) first, then per fold crossfit/fold{k}/labels.csv, embeddings.npy (float16) and _done.json;
     05_heads predicts each held-out image from its fold's files. A fold finished earlier is kept (the
     runner clears the stage directory when the config or the data change)."""
-    info, n_folds = dist_info(), cfg.pseudo.crossfit_folds
-    if not n_folds:
+    info = dist_info()
+    if not cfg.pseudo.crossfit_folds:
         return {}
-    fold, spec = crossfit_spec(data, n_folds)
+    fold, spec = crossfit_spec(data, cfg.pseudo.crossfit_folds)
+    n_folds, t_all = spec["folds"], time.perf_counter()
     if info.is_main:
         io.write_json(paths.crossfit / "folds.json", spec)
     barrier()
@@ -335,31 +343,40 @@ def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarra
         if not fp.done_marker(STAGE_KEY).exists():
             t0 = time.perf_counter()
             summaries = run_rounds(cfg, fp, data.without_labels(data.labeled_idx[fold == k]), emb, device, None,
-                                   f"fold {k} round", first)
+                                   f"fold {k} round", first, copy_untrained=False)
             if info.is_main:
                 last_round = max(summaries)
                 last = fp.pseudo_round(last_round)
-                for src_file, dst in ((last / "labels.csv", fp.pseudo_labels()),
-                                      (last / "embeddings.npy", fp.embeddings(STAGE_KEY))):
-                    shutil.move(src_file, dst)
+                # untrained rounds leave the embeddings as they were: 05_heads reads its own then
+                trained = any(s["trained"] for s in summaries.values())
+                shutil.move(last / "labels.csv", fp.pseudo_labels())
+                if trained:
+                    shutil.move(last / "embeddings.npy", fp.embeddings(STAGE_KEY))
                 for r in summaries:  # the rounds' encoders and embeddings: not needed past the fold
                     shutil.rmtree(fp.pseudo_round(r), ignore_errors=True)
                 io.write_json(fp.done_marker(STAGE_KEY), {
-                    "fold": k, "held_out": int((fold == k).sum()),
+                    "fold": k, "held_out": int((fold == k).sum()), "trained": trained,
                     "n_selected": summaries[last_round]["n_selected"], "seconds": round(time.perf_counter() - t0, 2)})
             barrier()
         out[str(k)] = io.read_json(fp.done_marker(STAGE_KEY))
-        if info.is_main:
+        if info.is_main and n_folds <= 10:
             print(f"cross-fit fold {k}: {out[str(k)]['held_out']} labels held out, "
                   f"{out[str(k)]['n_selected']} pseudo-labels ({out[str(k)]['seconds']:.1f}s)")
+    if info.is_main:
+        print(f"cross-fit: {n_folds} folds{' (leave-one-out)' if spec['leave_one_out'] else ''} in "
+              f"{time.perf_counter() - t_all:.1f}s")
     return out
 
 
 def crossfit_spec(data: CompetitionData, n_folds: int) -> tuple[np.ndarray, dict]:
-    """(fold (L,) of each labeled row, crossfit/folds.json's content: the fold of each labeled image id)."""
-    fold = label_folds(data.class_ids[data.labeled_idx], n_folds)
+    """(fold (L,) of each labeled row, crossfit/folds.json's content: the fold of each labeled image id).
+    n_folds LEAVE_ONE_OUT: labeled row i is fold i."""
+    y = data.class_ids[data.labeled_idx]
+    loo = n_folds == LEAVE_ONE_OUT
+    fold = np.arange(len(y), dtype=np.int64) if loo else label_folds(y, n_folds)
     ids = data.index["image_id"].to_numpy()[data.labeled_idx]
-    return fold, {"folds": n_folds, "fold_of": {str(i): int(f) for i, f in zip(ids, fold)}}
+    return fold, {"folds": len(y) if loo else n_folds, "leave_one_out": loo,
+                  "fold_of": {str(i): int(f) for i, f in zip(ids, fold)}}
 
 
 def _note_cv_drop(summaries: dict[int, dict], r: int) -> None:
