@@ -17,6 +17,9 @@ the supports from the test images whose label --labels gives and scores the othe
 scored beside the members and rules: mean and worst |estimate - truth|, interval coverage, rank
 correlation across members.
 
+With pseudo.crossfit_folds set (-1: leave-one-out folds), each draw's LOO is cross-fitted as 05_heads
+does it: round 0 again per fold without that fold's labels (self-training rounds are not re-drawn).
+
 Members: heads of src.heads.HEADS by name, and pseudo_<labeler> (one 02_pseudo labeler alone);
 default: heads.heads + pseudo_propagation. Rules: src.ensemble.RULES, each also as <rule>+propagate;
 default: all of them."""

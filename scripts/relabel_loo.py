@@ -39,9 +39,9 @@ from src.paths import RunPaths  # noqa: E402
 def main(args) -> None:
     from src.heads import l2_normalize
     from src.runtime import resolve_device
-    from src.selection import _fingerprint, draw_members, draw_supports, known_labels, relabel
-    from src.stages.heads import CrossFold, crossfit_oof, head_inputs, pseudo_rows
-    from src.stages.pseudo import label_round, labeler_input
+    from src.selection import DrawInputs, _fingerprint, draw_members, draw_supports, known_labels, relabel
+    from src.stages.heads import crossfit_oof
+    from src.stages.pseudo import LEAVE_ONE_OUT, labeler_input
     from src.transductive import TransductiveContext
 
     cfg = load_config(args.config, args.overrides)
@@ -60,7 +60,7 @@ def main(args) -> None:
     emb = io.read_npy(paths.embeddings("ssl")).astype(np.float32)
     graph = labeler_input(cfg, emb, device)  # label-free: one kNN graph for every draw and held-out label
     context = TransductiveContext(l2_normalize(emb), device)
-    empty = np.zeros(0, np.int64)
+    loo_cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, crossfit_folds=LEAVE_ONE_OUT))
     bias = {m: [] for m in members}
     records, table_members, params = [], [], None
     if args.table:
@@ -74,12 +74,8 @@ def main(args) -> None:
     for d in range(args.draws):
         data_d = relabel(data, supports[d], labels)
         y, truth = data_d.class_ids[data_d.labeled_idx], labels[data_d.test_idx]
-        folds = []
-        for i, row in enumerate(data_d.labeled_idx):  # round 0 without label i; its pseudo-labels tied to none
-            table, _ = label_round(cfg, data_d.without_labels(np.array([row])), graph, device, empty, empty, None)
-            pseudo = pseudo_rows(table, data_d, cfg.heads.pseudo_min_confidence)
-            folds.append(CrossFold(np.array([i]), head_inputs(cfg, data_d, context.x, pseudo, device, context,
-                                                              tie_pseudo=False)))
+        # round 0 again without each label (pseudo.crossfit_folds -1, as redraw.py and 05_heads run it)
+        folds = DrawInputs(loo_cfg, data_d, emb, device, context=context, graph=graph).folds()
         # the draw's cached members (and stacker table); the table's members first
         names = list(dict.fromkeys([*table_members, *members]))
         mem, _ = draw_members(cfg, data, emb, labels, supports[d], names, device, None, cache / f"draw_{d:03d}",

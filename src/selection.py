@@ -152,18 +152,42 @@ class DrawInputs:
     _pool: object = None
     _heads: object = None
     _table: object = None
+    _folds: object = None
     context: object = None  # src.transductive.TransductiveContext over l2_normalize(emb): label-free, shared by draws
+    graph: object = None  # 02_pseudo's labeler_input of emb (label-free: may be shared by draws); built when None
+
+    def round0(self, data: CompetitionData) -> pd.DataFrame:
+        """02_pseudo round 0 seeded by `data`'s labels: the selected pseudo-labels (row, y, confidence)."""
+        from src.stages.heads import pseudo_rows
+        from src.stages.pseudo import label_round, labeler_input
+
+        if self.graph is None:
+            self.graph = labeler_input(self.cfg, self.emb, self.device)
+        empty = np.zeros(0, np.int64)
+        table, _ = label_round(self.cfg, data, self.graph, self.device, empty, empty, None)
+        return pseudo_rows(table, data, self.cfg.heads.pseudo_min_confidence)
 
     def pool(self) -> pd.DataFrame:
-        """02_pseudo round 0 seeded by this draw's labels: the selected pseudo-labels (row, y, confidence)."""
         if self._pool is None:
-            from src.stages.heads import pseudo_rows
-            from src.stages.pseudo import label_round
-
-            empty = np.zeros(0, np.int64)
-            table, _ = label_round(self.cfg, self.data, self.emb, self.device, empty, empty, None)
-            self._pool = pseudo_rows(table, self.data, self.cfg.heads.pseudo_min_confidence)
+            self._pool = self.round0(self.data)
         return self._pool
+
+    def folds(self) -> list:
+        """pseudo.crossfit_folds as 02_pseudo and 05_heads run it (round 0 only: rounds are not
+        re-drawn): per fold, round 0 again without the fold's labels; [] when off."""
+        if self._folds is None:
+            from src.stages.heads import crossfold
+            from src.stages.pseudo import crossfit_spec
+
+            self._folds = []
+            if self.cfg.pseudo.crossfit_folds:
+                h, _ = self.heads()
+                fold, spec = crossfit_spec(self.data, self.cfg.pseudo.crossfit_folds)
+                for k in range(spec["folds"]):
+                    held = np.flatnonzero(fold == k)
+                    pseudo = self.round0(self.data.without_labels(self.data.labeled_idx[held]))
+                    self._folds.append(crossfold(self.cfg, self.data, held, h.x, self.context, pseudo, h, self.device))
+        return self._folds
 
     def heads(self):
         if self._heads is None:
@@ -180,8 +204,12 @@ def member_outputs(name: str, inp: DrawInputs) -> dict:
     """{"probs" (T, C), "oof" (L, C), "stack" (R, C) | None} of one member on one draw."""
     from src.stages.heads import head_outputs
 
+    from src.stages.heads import crossfit_oof
+
     h, table = inp.heads()
     out = head_outputs(name, inp.cfg, h, table, inp.encoder, inp.device)
+    if inp.folds():  # the cross-fitted LOO, as 05_heads writes it
+        out["oof"] = crossfit_oof(name, inp.cfg, inp.folds(), out["use_pseudo"], inp.encoder, inp.device)
     return {k: out[k] for k in ("probs", "oof", "stack")}
 
 

@@ -278,7 +278,7 @@ def test_relabel_loo_script_reads_the_redraw_cache(redraw_run, capsys):
 
     capsys.readouterr()
     assert script("--draws", "1", "--members", "protonet,knn") == 0
-    out = capsys.readouterr().out
+    out = first = capsys.readouterr().out
     for m in ("protonet", "knn"):
         line = next(ln for ln in out.splitlines() if ln.startswith(f"draw 0 {m}:"))
         assert f"LOO group {cv[m]['cv']:.3f}" in line and re.search(r"LOO relabel [01]\.\d{3}", line), line
@@ -293,3 +293,11 @@ def test_relabel_loo_script_reads_the_redraw_cache(redraw_run, capsys):
     assert script("--draws", "1", "--members", "logreg") == 2
     err = capsys.readouterr().err.strip()
     assert "'logreg' reads no pseudo-labels" in err and err.count("\n") == 0
+    # redraw.py with leave-one-out folds (pseudo.crossfit_folds=-1) scores the relabel LOO as its members' cv
+    code, err = run_script("redraw.py", *overrides, "pseudo.crossfit_folds=-1", "--pool", "test", "--draws", "1",
+                           "--members", "protonet,knn", "--rules", "mean", capsys=capsys)
+    assert code == 0, err
+    folded = json.loads((paths.redraw_dir / "results.json").read_text())["draws"][0]["members"]
+    for m in ("protonet", "knn"):
+        line = next(ln for ln in first.splitlines() if ln.startswith(f"draw 0 {m}:"))
+        assert f"LOO relabel {folded[m]['cv']:.3f}" in line and folded[m]["truth"] == cv[m]["truth"], line

@@ -163,6 +163,7 @@ def test_leave_one_out_folds_relabel_round_0_without_each_label_and_feed_the_loo
     from src.config import load_config
     from src.data import load_data
     from src.paths import RunPaths
+    from src.selection import DrawInputs, member_outputs, relabel
     from src.stages.pseudo import label_round, labeler_input
 
     args = [*_args(comp, digits_folder, tmp_path), "pseudo.rounds=0", "pseudo.labelers=[propagation]"]
@@ -189,13 +190,20 @@ def test_leave_one_out_folds_relabel_round_0_without_each_label_and_feed_the_loo
         pd.testing.assert_frame_equal(table, reference.astype(table.dtypes.to_dict()), check_exact=False, atol=1e-6)
         assert set(table["image_id"]) & set(ids[data.labeled_idx]) == {ids[row]}  # only its label was hidden
 
-    code, err = run_script("05_heads.py", "-c", CONFIG, *args, "pseudo.crossfit_folds=-1", "heads.heads=[protonet,knn]",
-                           "heads.pseudo_heads=[knn]", "cv.redraws=2", "cv.episodes=2", capsys=capsys)
+    heads = ["pseudo.crossfit_folds=-1", "heads.heads=[protonet,knn]", "heads.pseudo_heads=[knn]", "cv.redraws=2",
+             "cv.episodes=2"]
+    code, err = run_script("05_heads.py", "-c", CONFIG, *args, *heads, capsys=capsys)
     assert code == 0, err[-2000:]
     cv = json.loads((run / "05_heads/cv.json").read_text())
+    # redraw.py's members, drawn on the run's own support, compute the same cross-fitted LOO in memory
+    cfg = load_config(CONFIG, [*args, *heads])
+    inp = DrawInputs(cfg, relabel(data, data.labeled_idx, data.class_ids), emb, None)
+    assert len(inp.folds()) == 30
     for head in ("protonet", "knn"):
         assert cv["heads"][head]["crossfit_folds"] == 30
-        np.testing.assert_allclose(np.load(run / f"05_heads/{head}/oof.npy").sum(1), 1.0, atol=1e-4)
+        oof = np.load(run / f"05_heads/{head}/oof.npy")
+        np.testing.assert_allclose(oof.sum(1), 1.0, atol=1e-4)
+        np.testing.assert_allclose(member_outputs(head, inp)["oof"], oof, atol=1e-5)
 
 
 @pytest.mark.parametrize("repeat", [0, 3])

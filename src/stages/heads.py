@@ -261,13 +261,20 @@ def crossfit_folds(cfg: Config, paths: RunPaths, data: CompetitionData, source: 
             if emb.shape != h.x.shape:
                 raise UserError(f"{fp.embeddings('pseudo')}: shape {emb.shape}, expected {h.x.shape}")
             x, context = l2_normalize(np.asarray(emb, np.float32)), None
-        # The fold's pseudo-labels never saw its held-out labels: no echo to cut, so they stay in every fit
-        # (tying them to their nearest labeled image would drop a held-out image's true neighbours).
-        fold_inputs = head_inputs(cfg, data, x, read_pseudo_labels(fp, data, cfg.heads.pseudo_min_confidence),
-                                  device, context, tie_pseudo=False)
-        fold_inputs.dup, fold_inputs.dup_y, fold_inputs.dup_group = h.dup, h.dup_y, h.dup_group
-        out.append(CrossFold(np.flatnonzero(fold == k), fold_inputs))
+        out.append(crossfold(cfg, data, np.flatnonzero(fold == k), x, context,
+                             read_pseudo_labels(fp, data, cfg.heads.pseudo_min_confidence), h, device))
     return out
+
+
+def crossfold(cfg: Config, data: CompetitionData, held: np.ndarray, x: np.ndarray, context, pseudo: pd.DataFrame,
+              h: HeadInputs, device=None) -> CrossFold:
+    """One cross-fit fold as head inputs: `pseudo` (row, y, confidence) was made without the labels of
+    the labeled rows at positions `held`. Those pseudo-labels never saw the held-out labels: no echo to
+    cut, so they stay in every fit (tying them to their nearest labeled image would drop a held-out
+    image's true neighbours). Near-duplicates are the run's (`h`)."""
+    inputs = head_inputs(cfg, data, x, pseudo, device, context, tie_pseudo=False)
+    inputs.dup, inputs.dup_y, inputs.dup_group = h.dup, h.dup_y, h.dup_group
+    return CrossFold(held, inputs)
 
 
 def crossfit_oof(name: str, cfg: Config, folds: list[CrossFold], use_pseudo: bool, encoder=None,
