@@ -202,9 +202,7 @@ class DrawInputs:
 
 def member_outputs(name: str, inp: DrawInputs) -> dict:
     """{"probs" (T, C), "oof" (L, C), "stack" (R, C) | None} of one member on one draw."""
-    from src.stages.heads import head_outputs
-
-    from src.stages.heads import crossfit_oof
+    from src.stages.heads import crossfit_oof, head_outputs
 
     h, table = inp.heads()
     out = head_outputs(name, inp.cfg, h, table, inp.encoder, inp.device)

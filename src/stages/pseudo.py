@@ -326,7 +326,8 @@ def crossfit(cfg: Config, paths: RunPaths, data: CompetitionData, emb: np.ndarra
              first: TransductiveContext | None = None) -> dict:
     """pseudo.crossfit_folds: the rounds again once per fold of the labeled images, without that fold's
     labels (they join the unlabeled images). Writes crossfit/folds.json (the fold of every labeled
-    image) first, then per fold crossfit/fold{k}/labels.csv, embeddings.npy (float16) and _done.json;
+    image) first, then per fold crossfit/fold{k}/labels.csv, embeddings.npy (float16; only when a round
+    trained) and _done.json;
     05_heads predicts each held-out image from its fold's files. A fold finished earlier is kept (the
     runner clears the stage directory when the config or the data change)."""
     info = dist_info()
