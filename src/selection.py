@@ -202,12 +202,10 @@ class DrawInputs:
 
 def member_outputs(name: str, inp: DrawInputs) -> dict:
     """{"probs" (T, C), "oof" (L, C), "stack" (R, C) | None} of one member on one draw."""
-    from src.stages.heads import crossfit_oof, head_outputs
+    from src.stages.heads import head_outputs
 
     h, table = inp.heads()
-    out = head_outputs(name, inp.cfg, h, table, inp.encoder, inp.device)
-    if inp.folds():  # the cross-fitted LOO, as 05_heads writes it
-        out["oof"] = crossfit_oof(name, inp.cfg, inp.folds(), out["use_pseudo"], inp.encoder, inp.device)
+    out = head_outputs(name, inp.cfg, h, table, inp.encoder, inp.device, inp.folds())  # LOO as 05_heads writes it
     return {k: out[k] for k in ("probs", "oof", "stack")}
 
 

@@ -292,11 +292,11 @@ def crossfit_oof(name: str, cfg: Config, folds: list[CrossFold], use_pseudo: boo
 
 
 def head_outputs(name: str, cfg: Config, h: HeadInputs, table: pd.DataFrame | None, encoder=None,
-                 device=None) -> dict:
+                 device=None, folds: list[CrossFold] = ()) -> dict:
     """One head's contract arrays: "probs" (T, C) on the test rows (fit on every labeled row, plus
-    the pseudo-labeled support), "oof" (L, C) leave-one-out over the labeled rows, "stack" (R, C)
-    group-fold OOF over `table`'s rows (None without a table); plus "labeled_fp" (the fit_predict
-    over the labeled rows, for re-draws) and "runs_encoder"."""
+    the pseudo-labeled support), "oof" (L, C) leave-one-out over the labeled rows (cross-fitted over
+    `folds` when given), "stack" (R, C) group-fold OOF over `table`'s rows (None without a table);
+    plus "labeled_fp" (the fit_predict over the labeled rows, for re-draws) and "runs_encoder"."""
     use_pseudo = cfg.heads.use_pseudo and name in cfg.heads.pseudo_heads
     ones = np.ones(len(h.labeled), np.float32)
 
@@ -307,7 +307,8 @@ def head_outputs(name: str, cfg: Config, h: HeadInputs, table: pd.DataFrame | No
     # Final model: every labeled row (and all pseudo support); test rows are the query set.
     head = make_head(name, cfg, encoder, device, h.context)
     probs = _predict_test(h, head, use_pseudo)
-    oof = leave_one_out(labeled_fp, h.labeled_y)
+    oof = (crossfit_oof(name, cfg, list(folds), use_pseudo, encoder, device) if folds
+           else leave_one_out(labeled_fp, h.labeled_y))
     stack = None
     if table is not None:
         stack = group_oof(over(table["row"].to_numpy(), table["y"].to_numpy(), table["weight"].to_numpy(np.float32),
@@ -434,12 +435,10 @@ def run_head(name: str, cfg: Config, paths: RunPaths, h: HeadInputs, table: pd.D
     seed = cfg.run.seed
     ones = np.ones(len(h.labeled), np.float32)
     groups = np.arange(len(h.labeled))
-    out = head_outputs(name, cfg, h, table, encoder, device)
+    # with folds, the oof contract (and every estimate and rule that reads it) takes the cross-fitted LOO
+    out = head_outputs(name, cfg, h, table, encoder, device, folds)
     probs, oof, stack, labeled_fp, use_pseudo = (out[k] for k in ("probs", "oof", "stack", "labeled_fp", "use_pseudo"))
-    loo_in_sample = None
-    if folds:  # the oof contract (and every estimate and rule that reads it) takes the cross-fitted LOO
-        loo_in_sample = cv_summary(oof, h.labeled_y)
-        oof = crossfit_oof(name, cfg, list(folds), use_pseudo, encoder, device)
+    loo_in_sample = cv_summary(leave_one_out(labeled_fp, h.labeled_y), h.labeled_y) if folds else None
     loo_plain = None
     if use_pseudo and len(h.pseudo):  # the same head without pseudo-labels: no echo possible
         plain_fp = fit_predict_fn(name, cfg, h, encoder, device, False, h.labeled, h.labeled_y, ones, groups, h.test,
