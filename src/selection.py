@@ -46,7 +46,7 @@ from src.data import CompetitionData, load_data
 from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, check_rule
 from src.ensemble import apply_rules as ensemble_rules
 from src.errors import UserError
-from src.estimate import ESTIMATORS, EstimateContext, check_estimator, estimate_all
+from src.estimate import ESTIMATORS, EstimateContext, check_estimator, estimate_all, gde_estimate
 from src.paths import RunPaths
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +468,7 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
             for rec in encoder_records(c, n_draws, members, rules, params, seed, labels_csv, n_train, n_val,
                                        fresh, pool_split, t0, cache_commit):
                 records.append(rec | {"encoder_seed": c.run.seed})
+    add_seed_disagreement(records)
     agg = aggregate(records, default)
     agg |= {"members_list": members, "rules_list": rules, "seed": seed, "support_per_class": [n_train, n_val],
             "encoder_seeds": [c.run.seed for c in cfgs], "encoder_runs": [c.run.name for c in cfgs],
@@ -484,6 +485,31 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     print(md)
     print(f"written: {paths.redraw_dir / 'results.json'}, {paths.redraw_dir / 'table.md'}")
     return agg
+
+
+SEED_GDE = "disagreement_seeds"
+
+
+def add_seed_disagreement(records: list[dict]) -> None:
+    """GDE (Jiang et al. 2022) with truly independent copies: the estimate of a member or rule on one
+    encoder seed's draw is its agreement on the test images with the same member or rule on the same
+    draw (same support) of every other encoder seed; added to each record's estimates as
+    ``disagreement_seeds`` when there are two seeds or more. Reads and then drops every record's
+    ``_pred`` (test rows and argmaxes), which results.json does not keep."""
+    preds = [rec.pop("_pred") for rec in records]
+    if len({rec["encoder_seed"] for rec in records}) < 2:
+        return
+    twins = [[q for other, q in zip(records, preds) if other["draw"] == rec["draw"]
+              and other["encoder_seed"] != rec["encoder_seed"] and np.array_equal(q["rows"], pred["rows"])]
+             for rec, pred in zip(records, preds)]
+    if not all(twins):  # every record gets the estimate or none does (the tables read it on every row)
+        print(f"note: {SEED_GDE} not scored: the encoder seeds' runs do not share their test rows")
+        return
+    for rec, pred, copies in zip(records, preds, twins):
+        for kind in ("members", "rules"):
+            for name, z in pred[kind].items():
+                est = gde_estimate(z, [q[kind][name] for q in copies])
+                rec[kind][name]["estimates"][SEED_GDE] = est.as_dict()
 
 
 def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[str], params: RuleParams, seed: int,
@@ -538,8 +564,11 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
     for d in tqdm(range(n_draws), desc="draws", disable=not cfg.run.progress):
         m, scored = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder,
                                  cache / f"draw_{d:03d}", context, read_only=bool(cache_commit))
-        rec = score_draw(m, apply_rules(m, rules, params), labels[scored])
-        rec |= {"draw": d, "support": supports[d].tolist(), "n_scored": int((labels[scored] >= 0).sum())}
+        combined = apply_rules(m, rules, params)
+        rec = score_draw(m, combined, labels[scored])
+        rec |= {"draw": d, "support": supports[d].tolist(), "n_scored": int((labels[scored] >= 0).sum()),
+                "_pred": {"rows": scored, "members": {n: p.argmax(1) for n, p in zip(m.names, m.probs)},
+                          "rules": {r: c["test"].argmax(1) for r, c in combined.items()}}}
         if not cfg.run.progress:
             best = max(rec["members"], key=lambda n: rec["members"][n]["truth"])
             print(f"  draw {d}: best member {best} {rec['members'][best]['truth']:.3f}; "

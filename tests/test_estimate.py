@@ -78,6 +78,35 @@ def test_confidence_doc_atc_on_calibrated_members():
             assert e.lo <= e.value <= e.hi
 
 
+def test_disagreement_equals_accuracy_on_a_calibrated_ensemble_and_skips_the_prediction_itself():
+    """GDE's premise (Jiang et al. 2022): on test image i every independently trained copy says class
+    0 with probability p_i, and the truth is class 0 with probability p_i too (class-wise calibrated).
+    A copy's accuracy and its agreement with another copy are then both E[p^2 + (1 - p)^2]."""
+    rng = np.random.default_rng(0)
+    n, k = 40000, 5
+    p0 = rng.uniform(0.5, 1.0, n)
+    truth = np.where(rng.random(n) < p0, 0, 1)
+    copies = []
+    for _ in range(k):
+        z = np.where(rng.random(n) < p0, 0, 1)
+        copies.append(np.eye(3)[z] * 0.8 + 0.1)  # (n, 3) probabilities, argmax z
+    y = np.array([0, 1, 2])
+    ctx = EstimateContext(copies, [np.eye(3)] * k, y)
+    for p in copies:
+        e = ESTIMATORS.get("disagreement")(p, np.eye(3), ctx)  # its own argmax is no copy of it
+        assert e.value == pytest.approx(acc(p, truth), abs=0.01) and e.lo <= e.value <= e.hi
+        rates = estimate.agreement_rates(p.argmax(1), [q.argmax(1) for q in copies if q is not p])
+        assert e.value == pytest.approx(rates.mean()) and (e.lo, e.hi) == (rates.min(), rates.max())
+    # a rule that submits a member's argmax: that member is skipped, the others are its copies
+    rule = copies[0] * 2.0
+    assert ESTIMATORS.get("disagreement")(rule, np.eye(3), ctx).value == pytest.approx(
+        estimate.agreement_rates(rule.argmax(1), [q.argmax(1) for q in copies[1:]]).mean())
+    # a single member has no copy: the estimate is its LOO
+    alone = EstimateContext(copies[:1], [np.eye(3)[[0, 0, 2]]], y)
+    got = ESTIMATORS.get("disagreement")(copies[0], alone.oof[0], alone)
+    assert got == estimate.est_loo(copies[0], alone.oof[0], alone)
+
+
 def test_atc_fraction_counts_rows_above_the_threshold_and_splits_ties():
     conf = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     right = np.array([1, 1, 0, 1, 0], bool)  # 3 of 5 right: t between 0.7 and 0.6

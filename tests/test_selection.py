@@ -95,6 +95,37 @@ def test_aggregate_hand_made_case():
     assert "| **mean** (default) | 80.0 |" in md and "best fixed member (a, chosen on truth)" in md
 
 
+def test_seed_disagreement_pairs_each_draw_with_the_same_draw_of_the_other_seeds():
+    """GDE over encoder seeds: a member's estimate on (seed s, draw d) is its mean agreement with the
+    same member on draw d of the other seeds; its interval the lowest and highest of those."""
+    rows = np.arange(4)
+    preds = {(0, 0): [0, 1, 2, 3], (1, 0): [0, 1, 2, 0], (2, 0): [0, 0, 0, 0],
+             (0, 1): [1, 1, 1, 1], (1, 1): [1, 1, 0, 0], (2, 1): [1, 1, 1, 1]}
+
+    def rec(seed, draw):
+        z = np.array(preds[seed, draw])
+        return {"encoder_seed": seed, "draw": draw, "members": {"a": {"estimates": {}}},
+                "rules": {"r": {"estimates": {}}},
+                "_pred": {"rows": rows, "members": {"a": z}, "rules": {"r": (z + 1) % 4}}}
+
+    records = [rec(s, d) for s in range(3) for d in range(2)]
+    selection.add_seed_disagreement(records)
+    got = {(r["encoder_seed"], r["draw"]): r["members"]["a"]["estimates"][selection.SEED_GDE] for r in records}
+    assert got[0, 0] == {"estimate": pytest.approx((0.75 + 0.25) / 2), "interval": [0.25, 0.75]}
+    assert got[2, 0] == {"estimate": pytest.approx((0.25 + 0.5) / 2), "interval": [0.25, 0.5]}
+    assert got[1, 1] == {"estimate": pytest.approx(0.5), "interval": [0.5, 0.5]}
+    assert got[0, 1] == {"estimate": pytest.approx(0.75), "interval": [0.5, 1.0]}
+    assert all(r["rules"]["r"]["estimates"][selection.SEED_GDE] == got[r["encoder_seed"], r["draw"]] for r in records)
+    assert not any("_pred" in r for r in records)
+    one_seed = [rec(0, 0), rec(0, 1)]  # one encoder: nothing to pair, nothing added
+    selection.add_seed_disagreement(one_seed)
+    assert all(r["members"]["a"]["estimates"] == {} and "_pred" not in r for r in one_seed)
+    odd = [rec(0, 0), rec(1, 0)]  # the seeds' test rows differ: no record gets the estimate
+    odd[1]["_pred"]["rows"] = rows + 1
+    selection.add_seed_disagreement(odd)
+    assert all(r["members"]["a"]["estimates"] == {} for r in odd)
+
+
 @pytest.fixture
 def redraw_run(truth_comp, tmp_path):  # noqa: F811
     """A digits run with fake SSL embeddings (PCA of pixels) and cheap members and rules."""
@@ -239,12 +270,21 @@ def test_redraws_over_encoder_seeds_and_test_pool(redraw_run, monkeypatch, capsy
     assert [d["encoder_seed"] for d in draws] == [cfg.run.seed] * 2 + [cfg.run.seed + 5] * 2
     assert [d["support"] for d in draws[:2]] == [d["support"] for d in draws[2:]]  # paired draws
     assert agg["n_draws"] == 4 and agg["encoder_seeds"] == [cfg.run.seed, cfg.run.seed + 5]
+    # the stub's second encoder is a copy of the first: every member and rule agrees with its twin everywhere
+    for d in draws:
+        assert "_pred" not in d
+        for kind in ("members", "rules"):
+            for name, r in d[kind].items():
+                assert r["estimates"][selection.SEED_GDE] == {"estimate": 1.0, "interval": [1.0, 1.0]}, name
+    assert agg["estimators"][selection.SEED_GDE]["bias"] == pytest.approx(
+        1 - np.mean([r["truth"] for d in draws for k in ("members", "rules") for r in d[k].values()]))
 
     from src.data import load_data
 
     data = load_data(paths)
     agg = selection.run_redraws(cfg, n_draws=2, members=["protonet", "knn"], rules=["mean"], seed=3, pool_split="test")
     draws = io.read_json(paths.redraw_dir / "results.json")["draws"]
+    assert set(agg["estimators"]) == set(ESTIMATORS.names())  # one encoder: no seed disagreement
     for d in draws:
         assert set(d["support"]) <= set(data.test_idx)  # drawn from the labeled test images
         assert d["n_scored"] == len(data.test_idx) - len(d["support"])  # and not scored
