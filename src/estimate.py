@@ -292,13 +292,37 @@ def gde_estimate(pred: np.ndarray, copies: list[np.ndarray]) -> Estimate:
     return Estimate(float(rates.mean()), float(rates.min()), float(rates.max()))
 
 
+def member_copies(test: np.ndarray, ctx: EstimateContext) -> list[int]:
+    """Indices of the run's members that serve as copies of the prediction `test` (T, C): every member
+    whose test argmax differs from it somewhere (a member is not its own copy, nor is a rule that
+    submits a member's argmax)."""
+    pred = np.asarray(test).argmax(1)
+    return [i for i, p in enumerate(ctx.probs) if not np.array_equal(np.asarray(p).argmax(1), pred)]
+
+
 @ESTIMATORS.register("disagreement")
 def est_disagreement(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
-    """GDE with the run's other members as the independently trained copies (a member is not its own
-    copy, nor is a rule that submits a member's argmax). With no other member it is the LOO."""
-    pred = np.asarray(test).argmax(1)
-    copies = [z for z in (np.asarray(p).argmax(1) for p in ctx.probs) if not np.array_equal(z, pred)]
-    return gde_estimate(pred, copies) if copies else est_loo(test, oof, ctx)
+    """GDE with the run's other members as the independently trained copies (:func:`member_copies`).
+    With no other member it is the LOO."""
+    copies = member_copies(test, ctx)
+    if not copies:
+        return est_loo(test, oof, ctx)
+    return gde_estimate(np.asarray(test).argmax(1), [np.asarray(ctx.probs[i]).argmax(1) for i in copies])
+
+
+@ESTIMATORS.register("disagreement_checked")
+def est_disagreement_checked(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    """GDE where the labeled images do not refute its premise, else blend. The premise (the copies
+    err together no more than calibration allows) is checked where truth is known: on the labeled
+    rows the prediction's LOO argmax must agree with the copies' LOO argmaxes at a rate inside the
+    LOO accuracy's Wilson 95 % interval. Then the estimate is GDE on the test images, its interval
+    never narrower than that Wilson interval about it (:func:`blend_of`); otherwise it is blend."""
+    copies, loo = member_copies(test, ctx), est_loo(test, oof, ctx)
+    if copies:
+        on_labeled = agreement_rates(np.asarray(oof).argmax(1), [np.asarray(ctx.oof[i]).argmax(1) for i in copies])
+        if loo.lo <= on_labeled.mean() <= loo.hi:
+            return blend_of([est_disagreement(test, oof, ctx)], loo)
+    return est_blend(test, oof, ctx)
 
 
 BLEND = ("atc", "atc_ne", "doc", "temperature")
