@@ -310,17 +310,26 @@ def est_disagreement(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) ->
     return gde_estimate(np.asarray(test).argmax(1), [np.asarray(ctx.probs[i]).argmax(1) for i in copies])
 
 
+def gde_premise_holds(agree: np.ndarray, correct: np.ndarray) -> bool:
+    """Paired check of GDE's premise on the labeled rows: agree (L,) the share of copies whose LOO
+    argmax agrees with the prediction's on each row, correct (L,) whether the prediction's LOO argmax
+    is right. Under the premise d = agree - correct has mean 0; it holds unless |mean d| is beyond
+    1.96 standard errors of the mean (pairing cancels what the two share, so this is sharper than
+    comparing two binomial intervals)."""
+    d = np.asarray(agree, np.float64) - np.asarray(correct, np.float64)  # (L,)
+    return bool(abs(d.mean()) <= Z95 * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else False
+
+
 @ESTIMATORS.register("disagreement_checked")
 def est_disagreement_checked(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
-    """GDE where the labeled images do not refute its premise, else blend. The premise (the copies
-    err together no more than calibration allows) is checked where truth is known: on the labeled
-    rows the prediction's LOO argmax must agree with the copies' LOO argmaxes at a rate inside the
-    LOO accuracy's Wilson 95 % interval. Then the estimate is GDE on the test images, its interval
-    never narrower than that Wilson interval about it (:func:`blend_of`); otherwise it is blend."""
+    """GDE where the labeled images do not refute its premise (:func:`gde_premise_holds` on the LOO
+    rows, against the copies' LOO argmaxes), else blend. Its interval is never narrower than the
+    LOO's Wilson interval about it (:func:`blend_of`)."""
     copies, loo = member_copies(test, ctx), est_loo(test, oof, ctx)
     if copies:
-        on_labeled = agreement_rates(np.asarray(oof).argmax(1), [np.asarray(ctx.oof[i]).argmax(1) for i in copies])
-        if loo.lo <= on_labeled.mean() <= loo.hi:
+        z = np.asarray(oof).argmax(1)  # (L,)
+        agree = np.mean([np.asarray(ctx.oof[i]).argmax(1) == z for i in copies], axis=0)  # (L,)
+        if gde_premise_holds(agree, z == ctx.y):
             return blend_of([est_disagreement(test, oof, ctx)], loo)
     return est_blend(test, oof, ctx)
 
