@@ -313,16 +313,18 @@ def est_disagreement(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) ->
 
 @ESTIMATORS.register("disagreement_checked")
 def est_disagreement_checked(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
-    """GDE where the labels do not refute it, else blend: the label-free GDE estimate when it lies
-    inside blend's interval (the two agree), with blend's interval; otherwise blend. GDE's failure on
+    """GDE where the labels do not refute it, else blend (:func:`gde_within`)."""
+    return gde_within(test, ctx, est_disagreement(test, oof, ctx), est_blend(test, oof, ctx))
+
+
+def gde_within(test: np.ndarray, ctx: EstimateContext, gde: Estimate, blend: Estimate) -> Estimate:
+    """The label-free GDE estimate `gde` of the prediction `test` when it has copies and lies inside
+    blend's interval (the two agree), with blend's interval; otherwise `blend`. GDE's failure on
     members that share an embedding is a large overestimate, which blend's interval rules out when
     the labeled images are typical; where GDE holds it is far less noisy than anything read off 30 labels."""
-    est = est_blend(test, oof, ctx)
-    if member_copies(test, ctx):
-        gde = est_disagreement(test, oof, ctx)
-        if est.lo <= gde.value <= est.hi:
-            return Estimate(gde.value, est.lo, est.hi)
-    return est
+    if member_copies(test, ctx) and blend.lo <= gde.value <= blend.hi:
+        return Estimate(gde.value, blend.lo, blend.hi)
+    return blend
 
 
 BLEND = ("atc", "atc_ne", "doc", "temperature")
@@ -347,11 +349,19 @@ def blend_of(parts: list[Estimate], loo: Estimate) -> Estimate:
 
 def estimate_all(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext,
                  names: list[str] | None = None) -> dict[str, dict]:
-    """{estimator: {"estimate", "interval"}} for one prediction (test (T, C), oof (L, C)); blend reuses
-    its parts when they are asked for too."""
+    """{estimator: {"estimate", "interval"}} for one prediction (test (T, C), oof (L, C)); blend and
+    disagreement_checked reuse the estimates they are made of."""
     names = list(names or ESTIMATORS.names())
-    done = {n: ESTIMATORS.get(n)(test, oof, ctx) for n in names if n != "blend"}
-    if "blend" in names:
-        done["blend"] = blend_of([done[n] if n in done else ESTIMATORS.get(n)(test, oof, ctx) for n in BLEND],
-                                 done["loo"] if "loo" in done else est_loo(test, oof, ctx))
+    derived = ("blend", "disagreement_checked")
+    done = {n: ESTIMATORS.get(n)(test, oof, ctx) for n in names if n not in derived}
+
+    def get(n: str) -> Estimate:
+        if n not in done:
+            done[n] = ESTIMATORS.get(n)(test, oof, ctx)
+        return done[n]
+
+    if set(derived) & set(names):
+        done["blend"] = blend_of([get(n) for n in BLEND], get("loo"))
+    if "disagreement_checked" in names:
+        done["disagreement_checked"] = gde_within(test, ctx, get("disagreement"), done["blend"])
     return {n: done[n].as_dict() for n in names}
