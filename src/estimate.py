@@ -32,7 +32,6 @@ labeled images) to an accuracy estimate with an interval, given the members of t
   estimates the accuracy. In a run the only copies are the other members, which share one embedding
   and its errors, so it runs high. The re-draw evaluation also scores it with copies trained on other
   encoder seeds (``disagreement_seeds``, :func:`src.selection.add_seed_disagreement`).
-* ``disagreement_checked``: ``disagreement`` where it lies inside ``blend``'s interval, else ``blend``.
 * ``blend`` (the default, ``cv.estimator``): the mean of ``atc``, ``atc_ne``, ``doc`` and
   ``temperature``; its interval is never narrower than the LOO's Wilson interval about it.
 
@@ -293,38 +292,13 @@ def gde_estimate(pred: np.ndarray, copies: list[np.ndarray]) -> Estimate:
     return Estimate(float(rates.mean()), float(rates.min()), float(rates.max()))
 
 
-def member_copies(test: np.ndarray, ctx: EstimateContext) -> list[int]:
-    """Indices of the run's members that serve as copies of the prediction `test` (T, C): every member
-    whose test argmax differs from it somewhere (a member is not its own copy, nor is a rule that
-    submits a member's argmax)."""
-    pred = np.asarray(test).argmax(1)
-    return [i for i, p in enumerate(ctx.probs) if not np.array_equal(np.asarray(p).argmax(1), pred)]
-
-
 @ESTIMATORS.register("disagreement")
 def est_disagreement(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
-    """GDE with the run's other members as the independently trained copies (:func:`member_copies`).
-    With no other member it is the LOO."""
-    copies = member_copies(test, ctx)
-    if not copies:
-        return est_loo(test, oof, ctx)
-    return gde_estimate(np.asarray(test).argmax(1), [np.asarray(ctx.probs[i]).argmax(1) for i in copies])
-
-
-@ESTIMATORS.register("disagreement_checked")
-def est_disagreement_checked(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
-    """GDE where the labels do not refute it, else blend (:func:`gde_within`)."""
-    return gde_within(test, ctx, est_disagreement(test, oof, ctx), est_blend(test, oof, ctx))
-
-
-def gde_within(test: np.ndarray, ctx: EstimateContext, gde: Estimate, blend: Estimate) -> Estimate:
-    """The label-free GDE estimate `gde` of the prediction `test` when it has copies and lies inside
-    blend's interval (the two agree), with blend's interval; otherwise `blend`. GDE's failure on
-    members that share an embedding is a large overestimate, which blend's interval rules out when
-    the labeled images are typical; where GDE holds it is far less noisy than anything read off 30 labels."""
-    if member_copies(test, ctx) and blend.lo <= gde.value <= blend.hi:
-        return Estimate(gde.value, blend.lo, blend.hi)
-    return blend
+    """GDE with the run's other members as the independently trained copies (a member is not its own
+    copy, nor is a rule that submits a member's argmax). With no other member it is the LOO."""
+    pred = np.asarray(test).argmax(1)
+    copies = [z for z in (np.asarray(p).argmax(1) for p in ctx.probs) if not np.array_equal(z, pred)]
+    return gde_estimate(pred, copies) if copies else est_loo(test, oof, ctx)
 
 
 BLEND = ("atc", "atc_ne", "doc", "temperature")
@@ -349,19 +323,11 @@ def blend_of(parts: list[Estimate], loo: Estimate) -> Estimate:
 
 def estimate_all(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext,
                  names: list[str] | None = None) -> dict[str, dict]:
-    """{estimator: {"estimate", "interval"}} for one prediction (test (T, C), oof (L, C)); blend and
-    disagreement_checked reuse the estimates they are made of."""
+    """{estimator: {"estimate", "interval"}} for one prediction (test (T, C), oof (L, C)); blend reuses
+    its parts when they are asked for too."""
     names = list(names or ESTIMATORS.names())
-    derived = ("blend", "disagreement_checked")
-    done = {n: ESTIMATORS.get(n)(test, oof, ctx) for n in names if n not in derived}
-
-    def get(n: str) -> Estimate:
-        if n not in done:
-            done[n] = ESTIMATORS.get(n)(test, oof, ctx)
-        return done[n]
-
-    if set(derived) & set(names):
-        done["blend"] = blend_of([get(n) for n in BLEND], get("loo"))
-    if "disagreement_checked" in names:
-        done["disagreement_checked"] = gde_within(test, ctx, get("disagreement"), done["blend"])
+    done = {n: ESTIMATORS.get(n)(test, oof, ctx) for n in names if n != "blend"}
+    if "blend" in names:
+        done["blend"] = blend_of([done[n] if n in done else ESTIMATORS.get(n)(test, oof, ctx) for n in BLEND],
+                                 done["loo"] if "loo" in done else est_loo(test, oof, ctx))
     return {n: done[n].as_dict() for n in names}

@@ -107,22 +107,6 @@ def test_disagreement_equals_accuracy_on_a_calibrated_ensemble_and_skips_the_pre
     assert got == estimate.est_loo(copies[0], alone.oof[0], alone)
 
 
-def test_disagreement_checked_takes_gde_inside_blends_interval_and_blend_outside():
-    truth, y, probs, oof = noisy_labelers([0.9, 0.7, 0.6])
-    ctx = EstimateContext(probs, oof, y)
-    blend = estimate.Estimate(0.7, 0.55, 0.8)
-    inside, outside = estimate.Estimate(0.75, 0.7, 0.8), estimate.Estimate(0.85, 0.8, 0.9)
-    assert estimate.gde_within(probs[0], ctx, inside, blend) == estimate.Estimate(0.75, 0.55, 0.8)
-    assert estimate.gde_within(probs[0], ctx, outside, blend) == blend
-    alone = EstimateContext(probs[:1], oof[:1], y)  # no copy: no GDE, whatever its value
-    assert estimate.gde_within(probs[0], alone, inside, blend) == blend
-    # the registry entry and estimate_all (which reuses blend and disagreement) agree
-    for p, o in zip(probs, oof):
-        want = estimate.est_disagreement_checked(p, o, ctx).as_dict()
-        assert estimate_all(p, o, ctx, ["disagreement_checked"]) == {"disagreement_checked": want}
-        assert estimate_all(p, o, ctx)["disagreement_checked"] == want
-
-
 def test_atc_fraction_counts_rows_above_the_threshold_and_splits_ties():
     conf = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     right = np.array([1, 1, 0, 1, 0], bool)  # 3 of 5 right: t between 0.7 and 0.6
