@@ -26,9 +26,9 @@ labeled images) to an accuracy estimate with an interval, given the members of t
   errors (heads on one embedding) break its independence assumption and push it up.
 * ``temperature``: average confidence on the test images after temperature scaling (Guo et al.
   2017) fitted on the LOO rows.
-* ``disagreement``: generalization disagreement equality (GDE; Jiang et al. 2022, Thm 4.2): for an
-  ensemble that is class-wise calibrated, two of its members trained independently disagree on the
-  test images as often as they err, so the agreement rate with an independently trained copy
+* ``disagreement``: generalization disagreement equality (GDE; Jiang et al. 2022): when the
+  ensemble of independently trained copies is calibrated (their class-aggregated calibration), two
+  copies disagree on the test images as often as they err, so the agreement rate with a copy
   estimates the accuracy. In a run the only copies are the other members, which share one embedding
   and its errors, so it runs high. The re-draw evaluation also scores it with copies trained on other
   encoder seeds (``disagreement_seeds``, :func:`src.selection.add_seed_disagreement`).
@@ -280,13 +280,13 @@ def est_temperature(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext, boo
 
 def agreement_rates(pred: np.ndarray, copies: list[np.ndarray]) -> np.ndarray:
     """(K,) agreement rate of the test argmaxes `pred` (T,) with each copy's (K arrays (T,)):
-    1 - dis(h, h') of Jiang et al. 2022 (Def. 4.1), on the unlabeled test images."""
+    1 - dis(h, h') of Jiang et al. 2022, on the unlabeled test images."""
     pred = np.asarray(pred)
     return np.array([float(np.mean(pred == np.asarray(c))) for c in copies])
 
 
 def gde_estimate(pred: np.ndarray, copies: list[np.ndarray]) -> Estimate:
-    """GDE accuracy estimate (Jiang et al. 2022, Thm 4.2): the mean agreement with the copies;
+    """GDE accuracy estimate (Jiang et al. 2022): the mean agreement with the copies;
     interval: the lowest and highest agreement with any one copy."""
     rates = agreement_rates(pred, copies)
     return Estimate(float(rates.mean()), float(rates.min()), float(rates.max()))
