@@ -32,6 +32,9 @@ labeled images) to an accuracy estimate with an interval, given the members of t
   estimates the accuracy. In a run the only copies are the other members, which share one embedding
   and its errors, so it runs high. The re-draw evaluation also scores it with copies trained on other
   encoder seeds (``disagreement_seeds``, :func:`src.selection.add_seed_disagreement`).
+* ``aline``: agreement-on-the-line (Baek et al. 2022, ALine-S): the members' pairwise agreements on
+  the labeled rows and on the test images lie on a line in probit space, and so do a prediction's
+  LOO accuracy and its test accuracy; the line fitted on the agreements maps the one to the other.
 * ``blend`` (the default, ``cv.estimator``): the mean of ``atc``, ``atc_ne``, ``doc`` and
   ``temperature``; its interval is never narrower than the LOO's Wilson interval about it.
 
@@ -128,6 +131,7 @@ class EstimateContext:
     y: np.ndarray
     intervals: bool = True  # False: point estimates only (no bootstrap), e.g. to rank members in a rule
     _ds: tuple | None = field(default=None, repr=False)
+    _line: tuple | None = field(default=None, repr=False)
 
     @property
     def n_classes(self) -> int:
@@ -140,6 +144,13 @@ class EstimateContext:
             kz = np.stack([np.asarray(o).argmax(1) for o in self.oof])
             self._ds = dawid_skene(z, self.n_classes, kz, self.y)
         return self._ds
+
+    def agreement_line(self) -> tuple[float, float] | None:
+        """(slope, bias) of :func:`agreement_line` over the members; None where it cannot be fitted."""
+        if self._line is None:
+            self._line = (agreement_line([np.asarray(o).argmax(1) for o in self.oof],
+                                         [np.asarray(p).argmax(1) for p in self.probs]),)
+        return self._line[0]
 
 
 ESTIMATORS = Registry("estimator")
@@ -299,6 +310,45 @@ def est_disagreement(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) ->
     pred = np.asarray(test).argmax(1)
     copies = [z for z in (np.asarray(p).argmax(1) for p in ctx.probs) if not np.array_equal(z, pred)]
     return gde_estimate(pred, copies) if copies else est_loo(test, oof, ctx)
+
+
+def probit(p: np.ndarray | float, n: int) -> np.ndarray:
+    """Phi^-1 of rates measured on n rows, clipped to [1 / 2n, 1 - 1 / 2n] so that 0 and 1 stay finite."""
+    from scipy.stats import norm
+
+    return norm.ppf(np.clip(p, 0.5 / n, 1 - 0.5 / n))
+
+
+def agreement_line(labeled: list[np.ndarray], test: list[np.ndarray]) -> tuple[float, float] | None:
+    """Agreement-on-the-line (Baek et al. 2022, ALine-S): over every pair (i, j) of members, least
+    squares of probit(test agreement) = a * probit(labeled agreement) + b, from the members' argmaxes
+    on the labeled rows (M of (L,), LOO) and on the test images (M of (T,)). None with fewer than two
+    distinct labeled agreements or a slope <= 0 (no line to read)."""
+    pairs = [(i, j) for i in range(len(labeled)) for j in range(i + 1, len(labeled))]
+    if len(pairs) < 2:
+        return None
+    x = probit(np.array([np.mean(labeled[i] == labeled[j]) for i, j in pairs]), len(labeled[0]))  # (P,)
+    y = probit(np.array([np.mean(test[i] == test[j]) for i, j in pairs]), len(test[0]))  # (P,)
+    if np.ptp(x) == 0:
+        return None
+    a, b = np.polyfit(x, y, 1)
+    return (float(a), float(b)) if a > 0 else None
+
+
+@ESTIMATORS.register("aline")
+def est_aline(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    """ALine-S (Baek et al. 2022): the line that maps the members' pairwise agreement on the labeled
+    rows to their agreement on the test images, in probit space, maps the LOO accuracy to the test
+    accuracy: Phi(a * Phi^-1(LOO) + b); the LOO's Wilson interval mapped alike. Without a line
+    (:func:`agreement_line`), the LOO."""
+    from scipy.stats import norm
+
+    loo, line = est_loo(test, oof, ctx), ctx.agreement_line()
+    if line is None:
+        return loo
+    a, b = line
+    value, lo, hi = (float(norm.cdf(a * probit(v, len(ctx.y)) + b)) for v in (loo.value, loo.lo, loo.hi))
+    return Estimate(value, lo, hi)
 
 
 BLEND = ("atc", "atc_ne", "doc", "temperature")

@@ -107,6 +107,46 @@ def test_disagreement_equals_accuracy_on_a_calibrated_ensemble_and_skips_the_pre
     assert got == estimate.est_loo(copies[0], alone.oof[0], alone)
 
 
+def test_agreement_line_and_aline_against_a_hand_computation():
+    from scipy.stats import norm
+
+    # three members on 10 labeled rows and 8 test rows: pairwise agreements (0.8, 0.6, 0.6) / (0.75, 0.5, 0.5)
+    lab = [np.zeros(10, int), np.r_[np.zeros(8, int), 1, 1], np.r_[np.zeros(6, int), 2, 2, 2, 2]]
+    tst = [np.zeros(8, int), np.r_[np.zeros(6, int), 1, 1], np.r_[np.zeros(4, int), 2, 2, 2, 2]]
+    # agreements: (0,1) 0.8 / 0.75, (0,2) 0.6 / 0.5, (1,2) 0.6 / 0.5
+    a, b = estimate.agreement_line(lab, tst)
+    want = np.polyfit(norm.ppf([0.8, 0.6, 0.6]), norm.ppf([0.75, 0.5, 0.5]), 1)
+    assert (a, b) == (pytest.approx(want[0]), pytest.approx(want[1]))
+    assert estimate.agreement_line(lab[:2], tst[:2]) is None  # one pair: no line
+    assert estimate.agreement_line([lab[0]] * 3, tst) is None  # one labeled agreement: no line
+    # test agreements falling where the labeled ones rise: a slope <= 0 is no line
+    assert estimate.agreement_line(lab, [np.zeros(8, int), np.r_[np.zeros(2, int), np.ones(6, int)], np.zeros(8, int)]) is None
+    probs = [np.eye(3)[z] for z in tst]
+    oof = [np.eye(3)[z] for z in lab]
+    y = np.zeros(10, int)  # member 1 is right on 8 of 10 labeled rows
+    ctx = EstimateContext(probs, oof, y)
+    e = estimate.est_aline(probs[1], oof[1], ctx)
+    loo = estimate.est_loo(probs[1], oof[1], ctx)
+    assert e.value == pytest.approx(norm.cdf(a * norm.ppf(0.8) + b))
+    assert (e.lo, e.hi) == (pytest.approx(norm.cdf(a * norm.ppf(loo.lo) + b)), pytest.approx(norm.cdf(a * norm.ppf(loo.hi) + b)))
+    e0 = estimate.est_aline(probs[0], oof[0], ctx)  # LOO 1.0: clipped to 1 - 1/20 before the probit
+    assert e0.value == pytest.approx(norm.cdf(a * norm.ppf(0.95) + b))
+    alone = EstimateContext(probs[:2], oof[:2], y)
+    assert estimate.est_aline(probs[1], oof[1], alone) == estimate.est_loo(probs[1], oof[1], alone)
+
+
+def test_aline_without_shift_is_the_accuracy():
+    """Test images that repeat the labeled rows (no shift at all): the line is the identity and ALine
+    the accuracy."""
+    _, y, _, oof = noisy_labelers([0.85, 0.7, 0.6, 0.5], n=30, n_labeled=300)
+    probs, truth = [np.tile(o, (3, 1)) for o in oof], np.tile(y, 3)
+    ctx = EstimateContext(probs, oof, y)
+    a, b = ctx.agreement_line()
+    assert (a, b) == (pytest.approx(1.0), pytest.approx(0.0, abs=1e-9))
+    for p, o in zip(probs, oof):
+        assert estimate.est_aline(p, o, ctx).value == pytest.approx(acc(p, truth))
+
+
 def test_atc_fraction_counts_rows_above_the_threshold_and_splits_ties():
     conf = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
     right = np.array([1, 1, 0, 1, 0], bool)  # 3 of 5 right: t between 0.7 and 0.6
@@ -147,7 +187,7 @@ def test_no_estimator_takes_truth():
         params = list(inspect.signature(ESTIMATORS.get(name)).parameters)
         assert params[:3] == ["test", "oof", "ctx"], name
         assert not {"truth", "labels", "target"} & set(params), name
-    assert set(inspect.signature(EstimateContext).parameters) == {"probs", "oof", "y", "intervals", "_ds"}
+    assert set(inspect.signature(EstimateContext).parameters) == {"probs", "oof", "y", "intervals", "_ds", "_line"}
 
 
 def test_point_estimates_equal_the_values_with_intervals():
