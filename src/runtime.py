@@ -87,9 +87,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> dict:
+    """The CPU as /proc/cpuinfo names it, with its family and model numbers (an EPYC Zen 3 is family
+    25 model 1, a Zen 4 family 25 model 17), the SIMD level PyTorch's kernels dispatch to (ATen's
+    capability: AVX2, AVX512, ...; ATEN_CPU_CAPABILITY lowers it) and whether it has native bf16."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            if not line.strip() and fields:
+                break  # the first processor's block is enough
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return {"name": fields.get("model name") or platform.processor() or "unknown",
+            "family": fields.get("cpu family", ""), "model": fields.get("model", ""),
+            "capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(cpuinfo)}
+
+
 def machine_info(device: torch.device | None = None) -> dict:
     info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpus": os.cpu_count()}
+            "cpus": os.cpu_count(), "cpu": cpu_identity()}
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info

@@ -81,6 +81,23 @@ def test_cpu_bf16_autocast_follows_the_flag_and_the_cpu(tmp_path):
         validate(_cfg("ssl.cpu_precision=fp16"))
 
 
+def test_cpu_identity_reads_the_first_processor_and_every_stage_records_it(tmp_path):
+    """The CPU's name, family and model (a Zen 3 and a Zen 4 are both 'AMD EPYC' by name), the ATen
+    dispatch level and native bf16, from /proc/cpuinfo; machine_info (every stage's meta.json) carries it."""
+    from src.runtime import cpu_identity, machine_info
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 17\n"
+                    "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n\n"
+                    "processor\t: 1\ncpu family\t: 6\nmodel\t\t: 106\nmodel name\t: other\n")
+    got = cpu_identity(str(info))
+    assert got == {"name": "AMD EPYC", "family": "25", "model": "17",
+                   "capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": True}
+    missing = cpu_identity(str(tmp_path / "missing"))
+    assert missing["family"] == "" and missing["native_bf16"] is False and missing["name"]
+    assert set(machine_info()["cpu"]) == set(got)
+
+
 def test_ssl_step_under_cpu_bf16_trains_fp32_weights():
     """A training step with ssl.cpu_precision=bf16: finite loss, weights stay float32 and move."""
     cfg = _cfg("ssl.cpu_precision=bf16", "ssl.warmup_epochs=0")  # no warmup: step 0 has a nonzero LR

@@ -36,7 +36,6 @@ import argparse
 import copy
 import dataclasses
 import importlib.util
-import platform
 import tempfile
 import time
 import warnings
@@ -109,16 +108,6 @@ def parse_engines(text: str) -> list[str]:
     if unknown or not names:
         raise UserError(f"--engines: unknown engine '{unknown[0] if unknown else text}' (known: {', '.join(ENGINES)})")
     return names
-
-
-def cpu_name(cpuinfo: str = "/proc/cpuinfo") -> str:
-    try:
-        for line in Path(cpuinfo).read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_encoder(cfg: Config, size: int, device: torch.device) -> nn.Module:
@@ -249,7 +238,7 @@ def bench_extract(cfg: Config, args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(cfg.run.seed)
     images = torch.from_numpy(rng.integers(0, 256, (max(batches), s, s, 3), dtype=np.uint8))
     result: dict[str, Any] = {
-        "bench": "extract", "device": str(device), "machine": machine_info(device), "cpu": cpu_name(),
+        "bench": "extract", "device": str(device), "machine": machine_info(device),
         "native_bf16": cpu_has_native_bf16(), "threads": threads, "backbone": dataclasses.asdict(cfg.backbone),
         "image_size": s, "sizes": sizes, "batches": batches, "engines": engines, "seconds": args.seconds,
         "warmup": args.warmup, "flops_per_image": {}, "rows": []}
@@ -346,7 +335,7 @@ def table(result: dict) -> str:
     flops = ", ".join(f"{k}: {v / 1e9:.3f}" for k, v in result["flops_per_image"].items())
     gpu = f"{result['machine']['gpu']}, host CPU " if "gpu" in result["machine"] else ""
     lines = [f"Feature extraction, {b['name']} (random weights, eval, no grad) on {result['device']}: "
-             f"{gpu}{result['cpu']}, {result['threads']} torch threads, native bf16: "
+             f"{gpu}{result['machine']['cpu']['name']}, {result['threads']} torch threads, native bf16: "
              f"{'yes' if result['native_bf16'] else 'no'}; {result['seconds']:g} s per row",
              f"GFLOP per image (counted, by input size): {flops}", "",
              f"| engine | layout | precision | size | batch | images/s | GFLOP/s | ms/batch | vs {REFERENCE} "
