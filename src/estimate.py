@@ -44,6 +44,7 @@ Intervals are 95 % nominal; how often they hold is measured by the re-draw evalu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 import numpy as np
 
 from src.cv import wilson_interval
@@ -124,33 +125,37 @@ def dawid_skene(test_labels: np.ndarray, n_classes: int, known_labels: np.ndarra
 @dataclass
 class EstimateContext:
     """The members of one run: test probabilities (T, C) and LOO probabilities (L, C) each, and the
-    labeled images' classes (L,). The Dawid-Skene posterior is fitted once, on first use."""
+    labeled images' classes (L,). What several estimators read (the members' argmaxes, the
+    Dawid-Skene posterior, the agreement line) is computed once, on first use."""
 
     probs: list[np.ndarray]
     oof: list[np.ndarray]
     y: np.ndarray
     intervals: bool = True  # False: point estimates only (no bootstrap), e.g. to rank members in a rule
     _ds: tuple | None = field(default=None, repr=False)
-    _line: tuple | None = field(default=None, repr=False)
 
     @property
     def n_classes(self) -> int:
         return int(self.probs[0].shape[1])
 
+    @cached_property
+    def argmaxes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The members' argmaxes on the test images (M, T) and on the labeled rows' LOO (M, L)."""
+        return (np.stack([np.asarray(p).argmax(1) for p in self.probs]),
+                np.stack([np.asarray(o).argmax(1) for o in self.oof]))
+
     def ds(self) -> tuple[np.ndarray, np.ndarray]:
         """(a (M,), q (T, C)) of :func:`dawid_skene` on the members."""
         if self._ds is None:
-            z = np.stack([np.asarray(p).argmax(1) for p in self.probs])
-            kz = np.stack([np.asarray(o).argmax(1) for o in self.oof])
+            z, kz = self.argmaxes
             self._ds = dawid_skene(z, self.n_classes, kz, self.y)
         return self._ds
 
-    def agreement_line(self) -> tuple[float, float] | None:
+    @cached_property
+    def aline_fit(self) -> tuple[float, float] | None:
         """(slope, bias) of :func:`agreement_line` over the members; None where it cannot be fitted."""
-        if self._line is None:
-            self._line = (agreement_line([np.asarray(o).argmax(1) for o in self.oof],
-                                         [np.asarray(p).argmax(1) for p in self.probs]),)
-        return self._line[0]
+        z, kz = self.argmaxes
+        return agreement_line(kz, z)
 
 
 ESTIMATORS = Registry("estimator")
@@ -308,7 +313,7 @@ def est_disagreement(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) ->
     """GDE with the run's other members as the independently trained copies (a member is not its own
     copy, nor is a rule that submits a member's argmax). With no other member it is the LOO."""
     pred = np.asarray(test).argmax(1)
-    copies = [z for z in (np.asarray(p).argmax(1) for p in ctx.probs) if not np.array_equal(z, pred)]
+    copies = [z for z in ctx.argmaxes[0] if not np.array_equal(z, pred)]
     return gde_estimate(pred, copies) if copies else est_loo(test, oof, ctx)
 
 
@@ -319,10 +324,11 @@ def probit(p: np.ndarray | float, n: int) -> np.ndarray:
     return norm.ppf(np.clip(p, 0.5 / n, 1 - 0.5 / n))
 
 
-def agreement_line(labeled: list[np.ndarray], test: list[np.ndarray]) -> tuple[float, float] | None:
+def agreement_line(labeled: np.ndarray | list[np.ndarray],
+                   test: np.ndarray | list[np.ndarray]) -> tuple[float, float] | None:
     """Agreement-on-the-line (Baek et al. 2022, ALine-S): over every pair (i, j) of members, least
     squares of probit(test agreement) = a * probit(labeled agreement) + b, from the members' argmaxes
-    on the labeled rows (M of (L,), LOO) and on the test images (M of (T,)). None with fewer than two
+    on the labeled rows ((M, L), LOO) and on the test images ((M, T)). None with fewer than two
     distinct labeled agreements or a slope <= 0 (no line to read)."""
     pairs = [(i, j) for i in range(len(labeled)) for j in range(i + 1, len(labeled))]
     if len(pairs) < 2:
@@ -343,7 +349,7 @@ def est_aline(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estima
     (:func:`agreement_line`), the LOO."""
     from scipy.stats import norm
 
-    loo, line = est_loo(test, oof, ctx), ctx.agreement_line()
+    loo, line = est_loo(test, oof, ctx), ctx.aline_fit
     if line is None:
         return loo
     a, b = line

@@ -141,7 +141,7 @@ def test_aline_without_shift_is_the_accuracy():
     _, y, _, oof = noisy_labelers([0.85, 0.7, 0.6, 0.5], n=30, n_labeled=300)
     probs, truth = [np.tile(o, (3, 1)) for o in oof], np.tile(y, 3)
     ctx = EstimateContext(probs, oof, y)
-    a, b = ctx.agreement_line()
+    a, b = ctx.aline_fit
     assert (a, b) == (pytest.approx(1.0), pytest.approx(0.0, abs=1e-9))
     for p, o in zip(probs, oof):
         assert estimate.est_aline(p, o, ctx).value == pytest.approx(acc(p, truth))
@@ -187,7 +187,7 @@ def test_no_estimator_takes_truth():
         params = list(inspect.signature(ESTIMATORS.get(name)).parameters)
         assert params[:3] == ["test", "oof", "ctx"], name
         assert not {"truth", "labels", "target"} & set(params), name
-    assert set(inspect.signature(EstimateContext).parameters) == {"probs", "oof", "y", "intervals", "_ds", "_line"}
+    assert set(inspect.signature(EstimateContext).parameters) == {"probs", "oof", "y", "intervals", "_ds"}
 
 
 def test_point_estimates_equal_the_values_with_intervals():
