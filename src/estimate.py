@@ -35,6 +35,10 @@ labeled images) to an accuracy estimate with an interval, given the members of t
 * ``aline``: agreement-on-the-line (Baek et al. 2022, ALine-S): the members' pairwise agreements on
   the labeled rows and on the test images lie on a line in probit space, and so do a prediction's
   LOO accuracy and its test accuracy; the line fitted on the agreements maps the one to the other.
+* ``ppi``: prediction-powered inference (PPI++; Angelopoulos et al. 2023): the LOO accuracy corrected
+  by a label-free proxy of correctness (the Dawid-Skene posterior of the prediction's argmax, fitted
+  without the labels) measured on the test images and on the labeled rows, weighted by how well the
+  proxy tracks correctness on the labeled rows.
 * ``blend`` (the default, ``cv.estimator``): the mean of ``atc``, ``atc_ne``, ``doc`` and
   ``temperature``; its interval is never narrower than the LOO's Wilson interval about it.
 
@@ -150,6 +154,15 @@ class EstimateContext:
             z, kz = self.argmaxes
             self._ds = dawid_skene(z, self.n_classes, kz, self.y)
         return self._ds
+
+    @cached_property
+    def ds_label_free(self) -> tuple[np.ndarray, np.ndarray]:
+        """Posteriors (q_test (T, C), q_labeled (L, C)) of :func:`dawid_skene` over the test images and
+        the labeled rows alike, the labeled rows' classes unused (their members' LOO argmaxes only), so
+        that one label-free function scores both sets (the proxy of :func:`ppi_estimate`)."""
+        z, kz = self.argmaxes
+        _, q = dawid_skene(np.concatenate([z, kz], 1), self.n_classes)
+        return q[: z.shape[1]], q[z.shape[1]:]
 
     @cached_property
     def aline_fit(self) -> tuple[float, float] | None:
@@ -355,6 +368,40 @@ def est_aline(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estima
     a, b = line
     value, lo, hi = (float(norm.cdf(a * probit(v, len(ctx.y)) + b)) for v in (loo.value, loo.lo, loo.hi))
     return Estimate(value, lo, hi)
+
+
+def ppi_estimate(right: np.ndarray, proxy_labeled: np.ndarray, proxy_test: np.ndarray) -> Estimate:
+    """Prediction-powered mean (PPI++; Angelopoulos, Duchi & Zrnic 2023, mean estimation with the power-tuned
+    lambda): the labeled rows' mean correctness `right` (n,) moved by lambda times the gap between a
+    label-free proxy's mean on the test images `proxy_test` (N,) and on the labeled rows
+    `proxy_labeled` (n,):
+
+        theta = mean(right) + lam * (mean(proxy_test) - mean(proxy_labeled))
+        lam   = Cov(right, proxy_labeled) / ((1 + n / N) * Var(proxy_labeled)), clipped to [0, 1]
+        Var(theta) = Var(right - lam * proxy_labeled) / n + lam^2 * Var(proxy_test) / N
+
+    lam = 0 is the plain labeled mean, lam = 1 the classic PPI (with the prediction's confidence as the
+    proxy that is DoC). Interval: theta +- 1.96 sd (CLT)."""
+    y, f_l, f_t = (np.asarray(a, np.float64) for a in (right, proxy_labeled, proxy_test))
+    n, big_n = len(y), len(f_t)
+    var_f = float(np.var(f_l, ddof=1)) if n > 1 else 0.0
+    lam = 0.0 if var_f <= 0 else float(np.clip(np.cov(y, f_l, ddof=1)[0, 1] / ((1 + n / big_n) * var_f), 0.0, 1.0))
+    theta = float(y.mean() + lam * (f_t.mean() - f_l.mean()))
+    var = (float(np.var(y - lam * f_l, ddof=1)) / n if n > 1 else 0.25) + lam ** 2 * float(np.var(f_t)) / big_n
+    half = Z95 * float(np.sqrt(var))
+    return Estimate(float(np.clip(theta, 0.0, 1.0)), *_clip(theta - half, theta + half))
+
+
+@ESTIMATORS.register("ppi")
+def est_ppi(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
+    """PPI++ (:func:`ppi_estimate`) with the label-free Dawid-Skene posterior mass on the prediction's
+    argmax as the proxy (:attr:`EstimateContext.ds_label_free`), on the LOO rows and the test images:
+    the members' consensus on the 10,000 test images corrects the 30 labels' mean where, on the labeled
+    rows, it tracks their correctness."""
+    test, oof = np.asarray(test), np.asarray(oof)
+    q_test, q_lab = ctx.ds_label_free
+    right = oof.argmax(1) == ctx.y  # (L,)
+    return ppi_estimate(right, q_lab[np.arange(len(q_lab)), oof.argmax(1)], q_test[np.arange(len(q_test)), test.argmax(1)])
 
 
 BLEND = ("atc", "atc_ne", "doc", "temperature")
