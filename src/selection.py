@@ -181,7 +181,7 @@ class DrawInputs:
 
             self._folds = []
             if self.cfg.pseudo.crossfit_folds:
-                h, _ = self.heads()
+                h = self.head_inputs()
                 fold, spec = crossfit_spec(self.data, self.cfg.pseudo.crossfit_folds)
                 for k in range(spec["folds"]):
                     held = np.flatnonzero(fold == k)
@@ -189,15 +189,24 @@ class DrawInputs:
                     self._folds.append(crossfold(self.cfg, self.data, held, h.x, self.context, pseudo, h, self.device))
         return self._folds
 
-    def heads(self):
+    def head_inputs(self):
+        """The heads' inputs (src.stages.heads.HeadInputs) of the draw, without the stacker's rows."""
         if self._heads is None:
             from src.heads import l2_normalize
-            from src.stages.heads import head_inputs, stack_rows
+            from src.stages.heads import head_inputs
 
             x = l2_normalize(self.emb) if self.context is None else self.context.x
             self._heads = head_inputs(self.cfg, self.data, x, self.pool(), self.device, self.context)
-            self._table = stack_rows(self.cfg, self._heads, self.pool(), x)
-        return self._heads, self._table
+        return self._heads
+
+    def heads(self):
+        """(heads' inputs, the stacker's rows) of the draw."""
+        h = self.head_inputs()
+        if self._table is None:
+            from src.stages.heads import stack_rows
+
+            self._table = stack_rows(self.cfg, h, self.pool(), h.x)
+        return h, self._table
 
 
 def member_outputs(name: str, inp: DrawInputs) -> dict:

@@ -317,7 +317,14 @@ def test_relabel_loo_script_reads_the_redraw_cache(redraw_run, capsys):
             sys.argv = argv
 
     capsys.readouterr()
-    assert script("--draws", "1", "--members", "protonet,knn") == 0
+    import src.stages.heads as stage_heads
+
+    def no_stacker(*a, **k):
+        raise AssertionError("the relabel folds built the stacker's rows")
+
+    with pytest.MonkeyPatch.context() as mp:  # the folds need the heads' inputs, not the stacker's table
+        mp.setattr(stage_heads, "stack_rows", no_stacker)
+        assert script("--draws", "1", "--members", "protonet,knn") == 0
     out = first = capsys.readouterr().out
     for m in ("protonet", "knn"):
         line = next(ln for ln in out.splitlines() if ln.startswith(f"draw 0 {m}:"))
