@@ -398,10 +398,9 @@ def est_ppi(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate
     argmax as the proxy (:attr:`EstimateContext.ds_label_free`), on the LOO rows and the test images:
     the members' consensus on the 10,000 test images corrects the 30 labels' mean where, on the labeled
     rows, it tracks their correctness."""
-    test, oof = np.asarray(test), np.asarray(oof)
+    pred_t, pred_l = np.asarray(test).argmax(1), np.asarray(oof).argmax(1)  # (T,), (L,)
     q_test, q_lab = ctx.ds_label_free
-    right = oof.argmax(1) == ctx.y  # (L,)
-    return ppi_estimate(right, q_lab[np.arange(len(q_lab)), oof.argmax(1)], q_test[np.arange(len(q_test)), test.argmax(1)])
+    return ppi_estimate(pred_l == ctx.y, q_lab[np.arange(len(q_lab)), pred_l], q_test[np.arange(len(q_test)), pred_t])
 
 
 BLEND = ("atc", "atc_ne", "doc", "temperature")

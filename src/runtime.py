@@ -53,13 +53,16 @@ def autocast(device: torch.device, precision: str = "bf16", cpu: bool = False):
     return contextlib.nullcontext()
 
 
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of native bf16 matmul instructions
+
+
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether the CPU advertises bf16 matmul instructions (amx_bf16 or avx512_bf16 flags; Linux)."""
     try:
         flags = Path(cpuinfo).read_text()
     except OSError:
         return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+    return any(flag in flags.split() for flag in BF16_FLAGS)
 
 
 def resolve_cpu_bf16(mode: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -102,7 +105,8 @@ def cpu_identity(cpuinfo: str = "/proc/cpuinfo") -> dict:
         pass
     return {"name": fields.get("model name") or platform.processor() or "unknown",
             "family": fields.get("cpu family", ""), "model": fields.get("model", ""),
-            "capability": torch.backends.cpu.get_cpu_capability(), "native_bf16": cpu_has_native_bf16(cpuinfo)}
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": any(flag in fields.get("flags", "").split() for flag in BF16_FLAGS)}
 
 
 def machine_info(device: torch.device | None = None) -> dict:

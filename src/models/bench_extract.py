@@ -237,9 +237,10 @@ def bench_extract(cfg: Config, args: argparse.Namespace) -> dict:
     s = cfg.data.image_size
     rng = np.random.default_rng(cfg.run.seed)
     images = torch.from_numpy(rng.integers(0, 256, (max(batches), s, s, 3), dtype=np.uint8))
+    machine = machine_info(device)
     result: dict[str, Any] = {
-        "bench": "extract", "device": str(device), "machine": machine_info(device),
-        "native_bf16": cpu_has_native_bf16(), "threads": threads, "backbone": dataclasses.asdict(cfg.backbone),
+        "bench": "extract", "device": str(device), "machine": machine,
+        "native_bf16": machine["cpu"]["native_bf16"], "threads": threads, "backbone": dataclasses.asdict(cfg.backbone),
         "image_size": s, "sizes": sizes, "batches": batches, "engines": engines, "seconds": args.seconds,
         "warmup": args.warmup, "flops_per_image": {}, "rows": []}
     rows: list[dict] = result["rows"]
