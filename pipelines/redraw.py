@@ -20,9 +20,13 @@ correlation across members.
 With pseudo.crossfit_folds set (-1: leave-one-out folds), each draw's LOO is cross-fitted as 05_heads
 does it: round 0 again per fold without that fold's labels (self-training rounds are not re-drawn).
 
-Members: heads of src.heads.HEADS by name, and pseudo_<labeler> (one 02_pseudo labeler alone);
-default: heads.heads + pseudo_propagation. Rules: src.ensemble.RULES, each also as <rule>+propagate;
-default: all of them."""
+Members: heads of src.heads.HEADS by name, and 04_meta's methods as meta_<method> (meta-trained per draw
+from the SSL encoder on the draw's round-0 pseudo-labels; ensemble.count_once=[meta], the default,
+counts them as one member in every rule and label-free estimate); default: heads.heads. Rules:
+src.ensemble.RULES; default: every rule that can run on the members.
+
+    python pipelines/redraw.py -c configs/demo.yaml --draws 20 --encoder-seeds 0,1,2 \
+        --members knn,propagation,meta_maml,meta_reptile --rules agreement,mean"""
 import _bootstrap  # noqa: F401
 
 from src.cli import config_parser, guarded
@@ -46,7 +50,7 @@ if __name__ == "__main__":
     parser = config_parser(__doc__)
     parser.add_argument("--draws", type=int, default=30, help="support re-draws (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
-    parser.add_argument("--members", default="", help="comma-separated members (default: heads.heads + pseudo_propagation)")
+    parser.add_argument("--members", default="", help="comma-separated members: heads and meta_<method> (default: heads.heads)")
     parser.add_argument("--rules", default="", help="comma-separated rules (default: every rule, with and without +propagate)")
     parser.add_argument("--labels", default="", help="image_id,label CSV of every image (default: the data builder's)")
     parser.add_argument("--fresh", action="store_true", help="recompute the cached member outputs")

@@ -341,6 +341,9 @@ class EnsembleCfg:
     method: str = "agreement"
     members: list[str] = field(default_factory=list)  # empty: every member of the stages in `sources`
     sources: list[str] = field(default_factory=lambda: ["heads", "meta"])  # heads (05_heads) | meta (04_meta)
+    # stages whose members count as one member (their mean) in every rule and label-free estimate: 04_meta's
+    # methods share one episodic training and its errors, and eight of them would outvote the heads
+    count_once: list[str] = field(default_factory=lambda: ["meta"])
     preferred: list[str] = field(default_factory=lambda: ["propagation", "knn"])  # preferred/gated: first present; preferred_mean: all
     auto_candidates: list[str] = field(default_factory=lambda: ["mean", "weighted", "rank", "stack"])
     agreement_iters: int = 10  # method=agreement: re-weighting steps against the consensus

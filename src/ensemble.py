@@ -223,10 +223,44 @@ class Members:
     transductive: list[bool] = field(default_factory=list)  # member used the unlabeled images
     stack: list[np.ndarray | None] | None = None
     table: pd.DataFrame | None = None
+    sources: list[str] = field(default_factory=list)  # the stage of each member (heads | meta); empty: heads
 
     @property
     def n_classes(self) -> int:
         return int(self.probs[0].shape[1])
+
+
+def count_once(m: Members, sources: list[str]) -> tuple[Members, np.ndarray]:
+    """The members of each stage in `sources` (ensemble.count_once) merged into one member, their
+    mean, named after the stage: a family trained together (04_meta's methods meta-train on the same
+    episodes from the same encoder and share their errors) is one voter in every rule, not one per
+    method. Returns (merged members, spread (G, M)): a merged member's weight spreads evenly over
+    the members it stands for, so member weights (M,) = merged weights (G,) @ spread."""
+    stage = list(m.sources) or ["heads"] * len(m.names)
+    groups: list[list[int]] = []
+    for k, s in enumerate(stage):
+        family = next((g for g in groups if s in sources and stage[g[0]] == s), None)
+        if family is None:
+            groups.append([k])
+        else:
+            family.append(k)
+    spread = np.zeros((len(groups), len(m.names)))
+    for g, ks in enumerate(groups):
+        spread[g, ks] = 1.0 / len(ks)
+    if len(groups) == len(m.names):
+        return m, spread
+
+    def merged(arrays, ks):
+        return arrays[ks[0]] if len(ks) == 1 else mean_probs([arrays[k] for k in ks])
+
+    stack = None
+    if m.stack is not None:
+        stack = [None if any(m.stack[k] is None for k in ks) else merged(m.stack, ks) for ks in groups]
+    trans = list(m.transductive) or [False] * len(m.names)
+    return Members(names=[m.names[ks[0]] if len(ks) == 1 else stage[ks[0]] for ks in groups],
+                   oof=[merged(m.oof, ks) for ks in groups], probs=[merged(m.probs, ks) for ks in groups], y=m.y,
+                   transductive=[any(trans[k] for k in ks) for ks in groups], stack=stack, table=m.table,
+                   sources=[stage[ks[0]] for ks in groups]), spread
 
 
 @dataclass
@@ -249,6 +283,7 @@ class RuleParams:
     stacker_rounds: int = 200
     stacker_lr: float = 0.05
     stacker_leaves: int = 7
+    count_once: list[str] = field(default_factory=lambda: ["meta"])
     seed: int = 0
     estimator: str = "atc"  # cv.estimator: the accuracy estimate the "estimated" rule ranks members by
 
@@ -529,19 +564,33 @@ def applicable(name: str, m: Members, p: RuleParams) -> bool:
 
 
 def apply_rules(names: list[str], m: Members, p: RuleParams) -> dict[str, Combined]:
-    """Every rule in `names` on the same members; "auto" reuses the candidates already computed."""
+    """Every rule in `names` on the same members, each family of ensemble.count_once counted once
+    (count_once); "auto" reuses the candidates already computed. Weights are per member of `m`."""
+    g, spread = count_once(m, p.count_once)
     out: dict[str, Combined] = {}
 
     def get(name: str) -> Combined:
         if name not in out:
             check_rule(name)
             if name == "auto":
-                out[name] = pick_best({n: get(n) for n in _auto_candidates(m, p)}, m.y)[1]
+                out[name] = pick_best({n: get(n) for n in _auto_candidates(g, p)}, g.y)[1]
             else:
-                out[name] = RULES[name](m, p)
+                out[name] = RULES[name](g, p)
         return out[name]
 
-    return {n: get(n) for n in names}
+    merged = [n for n in g.names if n not in m.names]
+    note = f"; counted once: {', '.join(merged)} (the mean of its members)" if merged else ""
+    return {n: Combined(c.oof, c.test, None if c.weights is None else c.weights @ spread, c.note + note)
+            for n, c in ((n, get(n)) for n in names)}
+
+
+def estimate_context(m: Members, p: RuleParams) -> EstimateContext:
+    """The accuracy estimators' view of the members (src/estimate.py): each family of
+    ensemble.count_once counted once, as the rules count it, so that the label-free estimators
+    (Dawid-Skene, disagreement, agreement-on-the-line) do not take one family's shared errors for
+    many independent votes."""
+    g, _ = count_once(m, p.count_once)
+    return EstimateContext(list(g.probs), list(g.oof), g.y)
 
 
 def check_rule(name: str, key: str = "ensemble.method") -> None:

@@ -16,8 +16,10 @@ scored against truth on many supports:
 
 What is NOT redone per draw (say so when quoting the numbers): the SSL encoder and its embeddings
 (label-free: the same for every draw), 02_pseudo's self-training rounds (round 0 only: the demo
-runs no rounds), 03_metric (label-dependent embeddings: the evaluator's heads read the SSL
-embeddings) and 04_meta (too slow to rerun per draw; its methods are not members here).
+runs no rounds) and 03_metric (label-dependent embeddings: the evaluator's heads read the SSL
+embeddings). 04_meta's methods are members when named meta_<method> (``--members``): each draw
+meta-trains them from the SSL encoder on an episode pool of the draw's round-0 pseudo-labels (a run
+starts them from 03_metric's encoder when it has one).
 
 Outputs (paths.redraw_dir): results.json (per draw and aggregated), table.md, and a per-draw,
 per-member cache of the member arrays keyed by a fingerprint of the config, seed and code
@@ -43,10 +45,10 @@ from src import io
 from src.config import Config
 from src.cv import cv_summary, truth_accuracy
 from src.data import CompetitionData, load_data
-from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, check_rule
+from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, check_rule, estimate_context
 from src.ensemble import apply_rules as ensemble_rules
 from src.errors import UserError
-from src.estimate import ESTIMATORS, EstimateContext, check_estimator, estimate_all, gde_estimate
+from src.estimate import ESTIMATORS, check_estimator, estimate_all, gde_estimate
 from src.paths import RunPaths
 
 # ---------------------------------------------------------------------------------------------
@@ -121,14 +123,26 @@ def relabel(data: CompetitionData, support: np.ndarray, labels: np.ndarray) -> C
 # ---------------------------------------------------------------------------------------------
 # Members of one draw
 # ---------------------------------------------------------------------------------------------
+META_PREFIX = "meta_"  # a 04_meta method as a member: meta_<method>, as 06_submit names it
+
+
+def member_source(name: str) -> str:
+    """The stage a member comes from: meta (meta_<method> of src.meta.META_METHODS) or heads."""
+    from src.meta import META_METHODS
+
+    return "meta" if name.startswith(META_PREFIX) and name[len(META_PREFIX):] in META_METHODS else "heads"
+
+
 def check_members(names: list[str]) -> None:
     from src.heads import HEADS
+    from src.meta import META_METHODS
 
     if not names:
         raise UserError("--members: empty list")
     for name in names:
-        if name not in HEADS:
-            raise UserError(f"--members: unknown member '{name}' (heads: {', '.join(HEADS.names())})")
+        if name not in HEADS and member_source(name) != "meta":
+            raise UserError(f"--members: unknown member '{name}' (heads: {', '.join(HEADS.names())}; 04_meta "
+                            f"methods: {', '.join(META_PREFIX + n for n in META_METHODS.names())})")
     if len(set(names)) != len(names):
         raise UserError(f"--members: a member is listed twice ({','.join(names)})")
 
@@ -136,7 +150,7 @@ def check_members(names: list[str]) -> None:
 def is_transductive(name: str) -> bool:
     from src.heads import HEADS
 
-    return bool(HEADS.get(name).transductive)
+    return member_source(name) == "heads" and bool(HEADS.get(name).transductive)
 
 
 @dataclass
@@ -153,24 +167,48 @@ class DrawInputs:
     _heads: object = None
     _table: object = None
     _folds: object = None
+    _labels: object = None
+    _meta: object = None
     context: object = None  # src.transductive.TransductiveContext over l2_normalize(emb): label-free, shared by draws
     graph: object = None  # 02_pseudo's labeler_input of emb (label-free: may be shared by draws); built when None
 
-    def round0(self, data: CompetitionData) -> pd.DataFrame:
-        """02_pseudo round 0 seeded by `data`'s labels: the selected pseudo-labels (row, y, confidence)."""
-        from src.stages.heads import pseudo_rows
+    def label_table(self, data: CompetitionData) -> pd.DataFrame:
+        """02_pseudo round 0 seeded by `data`'s labels: its label table (image_id, label, confidence, selected)."""
         from src.stages.pseudo import label_round, labeler_input
 
         if self.graph is None:
             self.graph = labeler_input(self.cfg, self.emb, self.device)
         empty = np.zeros(0, np.int64)
-        table, _ = label_round(self.cfg, data, self.graph, self.device, empty, empty, None)
+        return label_round(self.cfg, data, self.graph, self.device, empty, empty, None)[0]
+
+    def round0(self, data: CompetitionData) -> pd.DataFrame:
+        """02_pseudo round 0 seeded by `data`'s labels: the selected pseudo-labels (row, y, confidence)."""
+        from src.stages.heads import pseudo_rows
+
+        table = self.label_table(data)
+        if data is self.data:
+            self._labels = table
         return pseudo_rows(table, data, self.cfg.heads.pseudo_min_confidence)
 
     def pool(self) -> pd.DataFrame:
         if self._pool is None:
             self._pool = self.round0(self.data)
         return self._pool
+
+    def meta_inputs(self):
+        """04_meta's inputs (src.stages.meta.MetaInputs) of the draw: its episode pool built from the
+        draw's round-0 pseudo-labels, the SSL encoder (03_metric is not re-drawn, and the run's own
+        metric encoder saw the run's labels)."""
+        if self._meta is None:
+            from src.paths import RunPaths
+            from src.stages.meta import assemble_inputs, build_pool, needs_encoder
+
+            self.pool()  # the label table of the draw
+            pool = build_pool(self.cfg, RunPaths(self.cfg), self.data, "ssl", self._labels, self.emb)
+            encoder = self.encoder if needs_encoder(self.cfg) else None
+            self._meta = assemble_inputs(self.cfg, self.data, "ssl", pool, self.device, encoder, self.emb,
+                                         verbose=False)
+        return self._meta
 
     def folds(self) -> list:
         """pseudo.crossfit_folds as 02_pseudo and 05_heads run it (round 0 only: rounds are not
@@ -213,6 +251,14 @@ def member_outputs(name: str, inp: DrawInputs) -> dict:
     """{"probs" (T, C), "oof" (L, C), "stack" (R, C) | None} of one member on one draw."""
     from src.stages.heads import head_outputs
 
+    if member_source(name) == "meta":
+        from src.runtime import cpu_threads
+        from src.stages.meta import run_method
+
+        meta = inp.meta_inputs()
+        with cpu_threads(meta.device, inp.cfg.meta.cpu_threads):
+            _, probs, oof = run_method(name[len(META_PREFIX):], meta)  # LOO as 04_meta writes it
+        return {"probs": probs, "oof": oof, "stack": None}
     h, table = inp.heads()
     out = head_outputs(name, inp.cfg, h, table, inp.encoder, inp.device, inp.folds())  # LOO as 05_heads writes it
     return {k: out[k] for k in ("probs", "oof", "stack")}
@@ -231,12 +277,12 @@ def apply_rules(members: Members, rules: list[str], params: RuleParams) -> dict[
 
 
 def score_draw(members: Members, combined: dict[str, dict], truth: np.ndarray,
-               estimators: list[str] | None = None) -> dict:
+               estimators: list[str] | None = None, params: RuleParams | None = None) -> dict:
     """Per member and rule: test accuracy against `truth` (T,) (rows of -1: not scored), local CV (LOO)
-    with its Wilson interval, and every accuracy estimator of src/estimate.py (which sees the members
-    and the labeled images, never `truth`)."""
+    with its Wilson interval, and every accuracy estimator of src/estimate.py (which sees the members,
+    each ensemble.count_once family counted once as `params` says, and the labeled images, never `truth`)."""
     truth = np.asarray(truth)
-    ctx = EstimateContext(list(members.probs), list(members.oof), members.y)
+    ctx = estimate_context(members, params or RuleParams())
     names = estimators if estimators is not None else ESTIMATORS.names()
 
     def one(test, oof):
@@ -382,13 +428,13 @@ def format_markdown(agg: dict, title: str = "") -> str:
 # The driver
 # ---------------------------------------------------------------------------------------------
 def _fingerprint(cfg: Config, paths: RunPaths, n_per_class: int, seed: int, pool_split: str = "train",
-                 code: str = "") -> str:
-    """The member cache's key: config sections, seeds, 01_ssl's fingerprint and the code version
-    (`code`, default the current commit)."""
+                 code: str = "", meta: bool = False) -> str:
+    """The member cache's key: config sections (meta too when 04_meta methods are members), seeds,
+    01_ssl's fingerprint and the code version (`code`, default the current commit)."""
     from src.runtime import git_commit
 
     ssl = io.read_json(paths.done_marker("ssl"))["fingerprint"]
-    sections = {s: dataclasses.asdict(getattr(cfg, s)) for s in ("data", "pseudo", "heads", "cv")}
+    sections = {s: dataclasses.asdict(getattr(cfg, s)) for s in ("data", "pseudo", "heads", "cv") + ("meta",) * meta}
     sections["cv"].pop("estimator")  # what is reported, not how members are computed
     blob = json.dumps({"sections": sections, "seed": cfg.run.seed,
                        "draw_seed": seed, "per_class": n_per_class, "ssl": ssl, "code": code or git_commit(),
@@ -485,7 +531,8 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
             "seconds": round(time.perf_counter() - t0, 1),
             "not_redrawn": ["SSL embeddings (label-free, shared by every draw of one encoder seed)", "02_pseudo "
                             "self-training rounds (round 0 only)", "03_metric embeddings (heads read the SSL "
-                            "embeddings)", "04_meta methods (not members)"]}
+                            "embeddings)", "04_meta's encoder (the SSL encoder, not 03_metric's)"
+                            if any(member_source(n) == "meta" for n in members) else "04_meta methods (not members)"]}
     io.write_json(paths.redraw_dir / "results.json", {"aggregate": agg, "draws": records})
     title = (f"Re-draw evaluation: run {cfg.run.name}, {len(cfgs)} encoder seed(s) x {n_draws} draws, "
              f"draw seed {seed}, supports from the {pool_split} images")
@@ -549,14 +596,17 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
         pool = test[known[test]]
     supports = draw_supports(pool, labels[pool], data.n_classes, n_train + n_val, n_draws, seed)
     from src.heads import l2_normalize, loads_saved_encoder
+    from src.stages.meta import needs_encoder
 
     device = resolve_device(cfg.run.device)
     encoder = None
-    if loads_saved_encoder(cfg.heads, members):
+    with_meta = any(member_source(n) == "meta" for n in members)
+    if loads_saved_encoder(cfg.heads, members) or (with_meta and needs_encoder(cfg)):
         from src.models.encoder import load_encoder
 
         encoder = load_encoder(paths.encoder("ssl"), paths.encoder_spec("ssl"), device)
-    cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed, pool_split, cache_commit)
+    cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed, pool_split, cache_commit,
+                                                      with_meta)
     if cache_commit and not cache.is_dir():
         raise UserError(f"--cache-commit {cache_commit}: no member cache of this config and run at that commit "
                         f"({cache.parent})")
@@ -574,7 +624,7 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
         m, scored = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder,
                                  cache / f"draw_{d:03d}", context, read_only=bool(cache_commit))
         combined = apply_rules(m, rules, params)
-        rec = score_draw(m, combined, labels[scored])
+        rec = score_draw(m, combined, labels[scored], params=params)
         rec |= {"draw": d, "support": supports[d].tolist(), "n_scored": int((labels[scored] >= 0).sum()),
                 "_pred": {"rows": scored, "members": {n: p.argmax(1) for n, p in zip(m.names, m.probs)},
                           "rules": {r: c["test"].argmax(1) for r, c in combined.items()}}}
@@ -619,4 +669,5 @@ def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np
     y = data_d.class_ids[data_d.labeled_idx]
     return Members(names=list(names), oof=[outs[n]["oof"] for n in names], probs=[outs[n]["probs"] for n in names],
                    y=y, transductive=[is_transductive(n) for n in names],
-                   stack=[outs[n].get("stack") for n in names], table=table), data_d.test_idx
+                   stack=[outs[n].get("stack") for n in names], table=table,
+                   sources=[member_source(n) for n in names]), data_d.test_idx

@@ -283,3 +283,36 @@ def test_gated_rule_is_the_mean_when_members_agree_else_the_preferred_member():
     assert "< 0.9: fixed member pt_map" in out.note
     with pytest.raises(UserError, match="ensemble.preferred: none of nope"):
         RULES["gated"](m2, RuleParams(preferred=["nope"], gate_agreement=1.0))
+
+
+def test_count_once_makes_a_family_of_shared_errors_one_voter():
+    """Two independent heads (90 % right) and a meta family of four methods that share one set of
+    errors (65 % right): counted as four voters the family outvotes the heads and the agreement
+    rule follows its errors; counted once (ensemble.count_once=[meta]) the rule is a majority of three
+    that beats both heads. Weights of a merged member spread evenly over its methods."""
+    from src.ensemble import Members, RuleParams, apply_rules, count_once, estimate_context
+
+    rng = np.random.default_rng(0)
+    c, n = 5, 4000
+    y = rng.integers(0, c, n)
+    heads = [noisy_onehot(rng, y, c, 0.9) for _ in range(2)]
+    family = noisy_onehot(rng, y, c, 0.65)
+    meta = [np.clip(family + rng.normal(0, 0.01, family.shape), 0, None).astype(np.float32) for _ in range(4)]
+    meta = [p / p.sum(1, keepdims=True) for p in meta]
+    probs = heads + meta
+    m = Members(names=["knn", "propagation"] + [f"meta_{k}" for k in "abcd"], oof=[p[:30] for p in probs],
+                probs=probs, y=y[:30], transductive=[False] * 6, sources=["heads"] * 2 + ["meta"] * 4)
+    def agreement_accuracy(once):
+        test = apply_rules(["agreement"], m, RuleParams(count_once=once))["agreement"].test
+        return float((test.argmax(1) == y).mean())
+
+    best_head = max(float((h.argmax(1) == y).mean()) for h in heads)
+    assert agreement_accuracy([]) < 0.75 < best_head + 0.02 < agreement_accuracy(["meta"])
+    merged, spread = count_once(m, ["meta"])
+    assert merged.names == ["knn", "propagation", "meta"] and merged.sources == ["heads", "heads", "meta"]
+    np.testing.assert_allclose(merged.probs[2], mean_probs(meta), atol=1e-6)
+    np.testing.assert_allclose(spread.sum(0), [1, 1, 0.25, 0.25, 0.25, 0.25])
+    mean = apply_rules(["mean"], m, RuleParams(count_once=["meta"]))["mean"]
+    np.testing.assert_allclose(mean.weights, [1 / 3, 1 / 3, 1 / 12, 1 / 12, 1 / 12, 1 / 12])
+    assert "counted once: meta" in mean.note
+    assert count_once(m, [])[0] is m and len(estimate_context(m, RuleParams()).probs) == 3

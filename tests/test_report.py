@@ -160,7 +160,9 @@ def test_submit_bad_member_leaves_nothing_written(truth_comp, tmp_path, capsys):
     for arg, key in (("ensemble.method=nope", "ensemble.method: unknown rule 'nope'"),
                      ("ensemble.auto_candidates=[mean,nope]", "ensemble.auto_candidates: unknown rule 'nope'"),
                      ("ensemble.auto_candidates=[auto]", "ensemble.auto_candidates: 'auto' cannot be"),
-                     ("ensemble.gate_agreement=1.5", "ensemble.gate_agreement: must be in [0, 1]")):
+                     ("ensemble.gate_agreement=1.5", "ensemble.gate_agreement: must be in [0, 1]"),
+                     ("ensemble.count_once=[metas]", "ensemble.count_once: expected stages among heads, meta, "
+                                                     "got 'metas'")):
         code, err = run_script("06_submit.py", *overrides, arg, capsys=capsys)
         assert code == 2 and err.strip().count("\n") == 0 and key in err, err
 

@@ -348,3 +348,49 @@ def test_relabel_loo_script_reads_the_redraw_cache(redraw_run, capsys):
     for m in ("protonet", "knn"):
         line = next(ln for ln in first.splitlines() if ln.startswith(f"draw 0 {m}:"))
         assert f"LOO relabel {folded[m]['cv']:.3f}" in line and folded[m]["truth"] == cv[m]["truth"], line
+
+
+META = ["meta.methods=[protonet_episodic,siamese]", "meta.train_block=false", "meta.pool=clusters",
+        "meta.clusters=12", "meta.episodes=3", "meta.meta_batch=1", "meta.n_way=3", "meta.n_query=2"]
+
+
+def test_meta_members_on_the_runs_own_support_are_what_04_meta_writes(redraw_run, tmp_path, capsys):
+    """A 04_meta method as a re-draw member (meta_<method>) runs 04_meta's code on the draw: drawn on
+    the run's own support, it gives the probabilities and LOO that 04_meta wrote."""
+    _, paths, overrides = redraw_run
+    code, err = run_script("04_meta.py", *overrides, *META, capsys=capsys)
+    assert code == 0, err[-2000:]
+    from src.config import load_config
+    from src.data import load_data
+    from src.runtime import resolve_device
+
+    cfg = load_config(None, [*overrides, *META])
+    data = load_data(paths)
+    emb = io.read_npy(paths.embeddings("ssl")).astype(np.float32)
+    names = ["meta_protonet_episodic", "meta_siamese", "knn"]
+    m, scored = selection.draw_members(cfg, data, emb, selection.known_labels(cfg, data), data.labeled_idx, names,
+                                       resolve_device("cpu"), None, tmp_path / "cache")
+    np.testing.assert_array_equal(scored, data.test_idx)
+    assert m.sources == ["meta", "meta", "heads"] and m.transductive == [False, False, False]
+    for k, method in enumerate(("protonet_episodic", "siamese")):
+        np.testing.assert_allclose(m.probs[k], io.read_npy(paths.head_probs(method, "meta")), atol=1e-5)
+        np.testing.assert_allclose(m.oof[k], io.read_npy(paths.head_oof(method, "meta")), atol=1e-5)
+    assert {p.name for p in (tmp_path / "cache").iterdir()} >= {f"{n}.safetensors" for n in names}
+    code, err = run_script("redraw.py", *overrides, "--members", "knn,meta_nope", capsys=capsys)
+    assert code == 2 and "unknown member 'meta_nope'" in err and "meta_siamese" in err, err
+
+
+def test_redraws_with_meta_members_count_the_family_once(redraw_run, capsys):
+    _, paths, overrides = redraw_run
+    members = "protonet,knn,meta_protonet_episodic,meta_siamese"
+    for once in ("[meta]", "[]"):
+        code, err = run_script("redraw.py", *overrides, *META, f"ensemble.count_once={once}", "--draws", "2",
+                               "--members", members, "--rules", "mean", capsys=capsys)
+        assert code == 0, err[-2000:]
+        results = json.loads((paths.redraw_dir / "results.json").read_text())
+        weights = [d["rules"]["mean"]["weights"] for d in results["draws"]]
+        expected = [1 / 3, 1 / 3, 1 / 6, 1 / 6] if once == "[meta]" else [1 / 4] * 4
+        np.testing.assert_allclose(weights, [expected] * 2)
+        assert "04_meta's encoder (the SSL encoder, not 03_metric's)" in results["aggregate"]["not_redrawn"]
+    # the members were computed once: the second run read them from the cache
+    assert len(list((paths.redraw_dir / "cache").rglob("meta_siamese.safetensors"))) == 2

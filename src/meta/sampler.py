@@ -116,14 +116,22 @@ def labeled_pool(data) -> Pool:
 
 
 def pseudo_pool(data, table_path, threshold: float, include_labeled: bool = True) -> Pool:
-    """Labeled rows (optional) + pseudo-labeled rows with selected == True or confidence >= threshold."""
+    """Labeled rows (optional) + pseudo-labeled rows of 02_pseudo's label table at `table_path` with
+    selected == True or confidence >= threshold."""
     try:
         table = pd.read_csv(table_path, dtype={"image_id": str, "label": str}, keep_default_na=False)
     except FileNotFoundError:
         raise UserError(f"{table_path}: pseudo-label table not found (run 02_pseudo or use meta.pool=clusters)") from None
+    return pseudo_pool_of(data, table, threshold, include_labeled, str(table_path))
+
+
+def pseudo_pool_of(data, table: pd.DataFrame, threshold: float, include_labeled: bool = True,
+                   name: str = "pseudo-labels") -> Pool:
+    """pseudo_pool of a label table already in memory (image_id, label, confidence[, selected]);
+    `name` names it in errors."""
     missing = {"image_id", "label", "confidence"} - set(table.columns)
     if missing:
-        raise UserError(f"{table_path}: missing column(s) {', '.join(sorted(missing))}")
+        raise UserError(f"{name}: missing column(s) {', '.join(sorted(missing))}")
     keep = table["confidence"].to_numpy(float) >= threshold
     if "selected" in table.columns:
         keep |= table["selected"].astype(str).str.lower().isin(["true", "1"]).to_numpy()
@@ -132,8 +140,8 @@ def pseudo_pool(data, table_path, threshold: float, include_labeled: bool = True
     known = table["image_id"].isin(row_of.index)
     if not known.all():
         bad = table.loc[~known, "image_id"].iloc[0]
-        raise UserError(f"{table_path}: image_id '{bad}' is not in the prepared data ({int((~known).sum())} unknown)")
-    labels = data.encode(table["label"].tolist(), str(table_path))  # integer labels or class names -> ids
+        raise UserError(f"{name}: image_id '{bad}' is not in the prepared data ({int((~known).sum())} unknown)")
+    labels = data.encode(table["label"].tolist(), name)  # integer labels or class names -> ids
     rows = row_of[table["image_id"]].to_numpy(np.int64)
     labeled = np.isin(rows, data.labeled_idx)  # a table row for a labeled image would duplicate it
     rows, labels = rows[~labeled], labels[~labeled]

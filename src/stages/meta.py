@@ -25,6 +25,7 @@ import zlib
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
@@ -37,7 +38,7 @@ from src.meta import META_METHODS
 from src.meta.base import (EncoderTail, FeatureBank, Identity, MetaMethod, PeakMemory, meta_train,
                            trunk_features)
 from src.meta.sampler import (POOLS, EpisodeSampler, Pool, cap_per_class, cluster_pool, labeled_pool,
-                              pseudo_pool)
+                              pseudo_pool, pseudo_pool_of)
 from src.meta.task_augment import TaskAugment, build_task_augment, parse_mode
 from src.paths import RunPaths
 from src.runtime import cpu_threads, resolve_device, use_channels_last
@@ -93,20 +94,26 @@ def encoder_stage(cfg: Config, paths: RunPaths) -> str:
     return cfg.meta.encoder
 
 
-def build_pool(cfg: Config, paths: RunPaths, data: CompetitionData, source: str) -> Pool:
+def build_pool(cfg: Config, paths: RunPaths, data: CompetitionData, source: str,
+               labels: pd.DataFrame | None = None, emb: np.ndarray | None = None) -> Pool:
+    """The episode pool of meta.pool. labels / emb: a 02_pseudo label table and the `source`
+    embeddings (N, D) to read instead of the run's files (the re-draw evaluation passes its draw's)."""
     m = cfg.meta
     kind = m.pool
     if kind == "auto":
-        kind = "pseudo" if paths.done_marker("pseudo").exists() and paths.pseudo_labels().exists() else "clusters"
+        kind = "pseudo" if labels is not None or (paths.done_marker("pseudo").exists()
+                                                  and paths.pseudo_labels().exists()) else "clusters"
     rng = np.random.default_rng(cfg.run.seed)
     if kind == "labeled":
         return labeled_pool(data)
     if kind == "pseudo":
-        pool = pseudo_pool(data, paths.pseudo_labels(), m.pseudo_threshold, include_labeled=False)
+        pool = (pseudo_pool(data, paths.pseudo_labels(), m.pseudo_threshold, include_labeled=False) if labels is None
+                else pseudo_pool_of(data, labels, m.pseudo_threshold, include_labeled=False))
     else:
-        emb = io.read_npy(paths.embeddings(source), mmap=True)
+        where = paths.embeddings(source)
+        emb = io.read_npy(where, mmap=True) if emb is None else emb
         if len(emb) != len(data.index):
-            raise UserError(f"{paths.embeddings(source)}: {len(emb)} rows, expected {len(data.index)}")
+            raise UserError(f"{where}: {len(emb)} rows, expected {len(data.index)}")
         rows = data.unlabeled_idx
         pool = cluster_pool(emb, rows, m.clusters, m.n_way, m.n_shot + m.n_query, m.clusterings, cfg.run.seed)
     return cap_per_class(pool, m.pool_per_class, rng)
@@ -159,7 +166,7 @@ def prepare_inputs(cfg: Config, paths: RunPaths) -> MetaInputs:
     data = load_data(paths)
     source = encoder_stage(cfg, paths)
     pool = build_pool(cfg, paths, data, source)
-    sampler = make_sampler(cfg, pool)
+    make_sampler(cfg, pool)  # refuses a pool too small for the episodes before any heavy work
     if pool.kind == "labeled":  # each leave-one-out fold meta-trains without one image
         counts = pool.class_counts()
         smallest = min(counts, key=counts.get)
@@ -169,21 +176,31 @@ def prepare_inputs(cfg: Config, paths: RunPaths) -> MetaInputs:
                                                                           cfg.meta.n_query)
     truth = public_truth(cfg.data.truth, data.test_ids, data.classes)
     device = resolve_device(cfg.run.device)
-    labeled, test = data.labeled_idx, data.test_idx
-    rows = np.unique(np.concatenate([pool.rows, labeled, test]))
-    t0 = time.perf_counter()
-    encoder, dim = None, 0
+    encoder = None
     if needs_encoder(cfg):
         from src.models.encoder import load_encoder
 
         encoder = load_encoder(paths.encoder(source), paths.encoder_spec(source), device)
+    emb = None if cfg.meta.train_block else io.read_npy(paths.embeddings(source), mmap=True)
+    return assemble_inputs(cfg, data, source, pool, device, encoder, emb, truth)
+
+
+def assemble_inputs(cfg: Config, data: CompetitionData, source: str, pool: Pool, device: torch.device,
+                    encoder: nn.Module | None, emb: np.ndarray | None, truth: np.ndarray | None = None,
+                    verbose: bool = True) -> MetaInputs:
+    """MetaInputs over `data`'s labeled and test rows and `pool`: the body inputs of every row the
+    methods read (trunk features of `encoder` with meta.train_block, else the rows of `emb` (N, D)
+    L2-normalised). Shared by 04_meta and the re-draw evaluation (src/selection.py)."""
+    labeled, test = data.labeled_idx, data.test_idx
+    rows = np.unique(np.concatenate([pool.rows, labeled, test]))
+    t0 = time.perf_counter()
+    dim = 0
     if cfg.meta.train_block:
         feats = trunk_features(encoder, data.images, rows, device, cfg.meta.batch_size, cfg.run.precision,
-                               cfg.run.progress)
+                               cfg.run.progress and verbose)
         if use_channels_last(cfg.run.channels_last, device, encoder) and feats.dim() == 4:
             feats = feats.contiguous(memory_format=torch.channels_last)
     else:
-        emb = io.read_npy(paths.embeddings(source), mmap=True)
         feats = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb[rows], np.float32)), dim=1)
         feats, dim = feats.to(device, torch.float16), emb.shape[1]
     bank = FeatureBank(rows, feats, len(data.index))
@@ -191,12 +208,13 @@ def prepare_inputs(cfg: Config, paths: RunPaths) -> MetaInputs:
     augment = build_task_augment(cfg.meta.task_augment, cfg.meta.task_augment_flip, bank, encoder, data.images,
                                  pool.rows, cfg.meta.train_block, device, cfg.run.precision, channels_last,
                                  cfg.meta.batch_size)
-    print(f"meta: encoder {source} ({'last block trained' if cfg.meta.train_block else 'frozen embeddings'}), "
-          f"pool {pool.kind}: {len(pool)} images in {len(pool.class_counts())} classes"
-          f"{'; ' + pool.note if pool.note else ''}; inputs {tuple(feats.shape)}"
-          + (f"; task augmentation {cfg.meta.task_augment}" if augment is not None else ""))
-    return MetaInputs(cfg, source, device, encoder, dim, pool, sampler, bank, labeled, data.class_ids[labeled],
-                      test, data.n_classes, truth, time.perf_counter() - t0, augment)
+    if verbose:
+        print(f"meta: encoder {source} ({'last block trained' if cfg.meta.train_block else 'frozen embeddings'}), "
+              f"pool {pool.kind}: {len(pool)} images in {len(pool.class_counts())} classes"
+              f"{'; ' + pool.note if pool.note else ''}; inputs {tuple(feats.shape)}"
+              + (f"; task augmentation {cfg.meta.task_augment}" if augment is not None else ""))
+    return MetaInputs(cfg, source, device, encoder, dim, pool, make_sampler(cfg, pool), bank, labeled,
+                      data.class_ids[labeled], test, data.n_classes, truth, time.perf_counter() - t0, augment)
 
 
 def new_method(name: str, inp: MetaInputs) -> MetaMethod:

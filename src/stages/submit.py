@@ -20,9 +20,10 @@ from src import io
 from src.config import Config
 from src.cv import cv_summary, format_interval, public_truth, truth_accuracy
 from src.data import CompetitionData, load_data
-from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, applicable, apply_rules, check_rule, log_loss
+from src.ensemble import (PREFERRED_RULES, RULES, Members, RuleParams, applicable, apply_rules, check_rule,
+                          estimate_context, log_loss)
 from src.errors import UserError
-from src.estimate import EstimateContext, check_estimator, estimate_all
+from src.estimate import check_estimator, estimate_all
 from src.paths import RunPaths
 from src.stages import Stage
 from src.submission import write_submission
@@ -50,6 +51,9 @@ def validate(cfg: Config) -> None:
     bad = [s for s in e.sources if s not in SOURCES]
     if bad or not e.sources:
         raise UserError(f"ensemble.sources: expected a non-empty list of {', '.join(SOURCES)}, got {e.sources}")
+    bad = [s for s in e.count_once if s not in SOURCES]
+    if bad:
+        raise UserError(f"ensemble.count_once: expected stages among {', '.join(SOURCES)}, got '{bad[0]}'")
 
 
 def discover_members(cfg: Config, paths: RunPaths) -> dict[str, dict]:
@@ -115,7 +119,7 @@ def run(cfg: Config, paths: RunPaths) -> dict:
     names = list(members)
     m = Members(names=names, oof=[members[n]["oof"] for n in names], probs=[members[n]["probs"] for n in names], y=y,
                 transductive=[members[n]["transductive"] for n in names],
-                stack=[members[n]["stack"] for n in names], table=table)
+                stack=[members[n]["stack"] for n in names], table=table, sources=[members[n]["source"] for n in names])
     params = RuleParams.from_config(e, cfg.run.seed, cfg.cv.estimator)
     # Every rule that applies, and the configured one (a UserError when it cannot run).
     wanted = [r for r in RULES if applicable(r, m, params)]
@@ -123,7 +127,7 @@ def run(cfg: Config, paths: RunPaths) -> dict:
     draws, draws_note = member_redraws(members)
 
     # ---- every member and rule on local CV (labeled rows), accuracy estimates, re-draws and truth ----
-    ctx = EstimateContext(list(m.probs), list(m.oof), y)
+    ctx = estimate_context(m, params)
     rows: dict[str, dict] = {}
     for k, n in enumerate(names):
         rows[n] = {**cv_summary(m.oof[k], y), "log_loss": log_loss(m.oof[k], y),
