@@ -162,7 +162,8 @@ class DrawInputs:
     data: CompetitionData  # relabel()-ed: only the support is labeled
     emb: np.ndarray  # (N, D) float32 SSL embeddings as 01_ssl wrote them (label-free)
     device: torch.device
-    encoder: object = None
+    encoder: object = None  # the saved SSL encoder for the heads that fine-tune it (loads_saved_encoder), else None
+    meta_encoder: object = None  # the saved SSL encoder for 04_meta's methods (meta.train_block), else None
     _pool: object = None
     _heads: object = None
     _table: object = None
@@ -205,9 +206,10 @@ class DrawInputs:
 
             self.pool()  # the label table of the draw
             pool = build_pool(self.cfg, RunPaths(self.cfg), self.data, "ssl", self._labels, self.emb)
-            encoder = self.encoder if needs_encoder(self.cfg) else None
-            self._meta = assemble_inputs(self.cfg, self.data, "ssl", pool, self.device, encoder, self.emb,
-                                         verbose=False)
+            if needs_encoder(self.cfg) and self.meta_encoder is None:
+                raise UserError("re-draws: 04_meta's methods need the SSL encoder (meta.train_block), none was loaded")
+            self._meta = assemble_inputs(self.cfg, self.data, "ssl", pool, self.device, self.meta_encoder,
+                                         self.emb, verbose=False)
         return self._meta
 
     def folds(self) -> list:
@@ -599,12 +601,14 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
     from src.stages.meta import needs_encoder
 
     device = resolve_device(cfg.run.device)
-    encoder = None
+    encoder = meta_encoder = None
     with_meta = any(member_source(n) == "meta" for n in members)
     if loads_saved_encoder(cfg.heads, members) or (with_meta and needs_encoder(cfg)):
         from src.models.encoder import load_encoder
 
-        encoder = load_encoder(paths.encoder("ssl"), paths.encoder_spec("ssl"), device)
+        loaded = load_encoder(paths.encoder("ssl"), paths.encoder_spec("ssl"), device)
+        encoder = loaded if loads_saved_encoder(cfg.heads, members) else None  # the heads fine-tune only when asked
+        meta_encoder = loaded if with_meta and needs_encoder(cfg) else None
     cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed, pool_split, cache_commit,
                                                       with_meta)
     if cache_commit and not cache.is_dir():
@@ -622,7 +626,8 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
     context = TransductiveContext(l2_normalize(emb), device)  # the kNN graph is label-free: built once
     for d in tqdm(range(n_draws), desc="draws", disable=not cfg.run.progress):
         m, scored = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder,
-                                 cache / f"draw_{d:03d}", context, read_only=bool(cache_commit))
+                                 cache / f"draw_{d:03d}", context, read_only=bool(cache_commit),
+                                 meta_encoder=meta_encoder)
         combined = apply_rules(m, rules, params)
         rec = score_draw(m, combined, labels[scored], params=params)
         rec |= {"draw": d, "support": supports[d].tolist(), "n_scored": int((labels[scored] >= 0).sum()),
@@ -638,13 +643,14 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
 
 def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np.ndarray, support: np.ndarray,
                  names: list[str], device, encoder, cache: Path, context=None,
-                 read_only: bool = False) -> tuple[Members, np.ndarray]:
+                 read_only: bool = False, meta_encoder=None) -> tuple[Members, np.ndarray]:
     """Members of one draw, from the cache where present, and the rows (T,) their test probabilities
-    score. Only support rows' labels are passed on. context: the transductive heads'
+    score. Only support rows' labels are passed on. encoder / meta_encoder: the saved SSL encoder for
+    the heads that fine-tune it and for 04_meta's methods, or None. context: the transductive heads'
     TransductiveContext (label-free: one for every draw) or None. read_only: a member missing from
     the cache is an error (an earlier commit's cache: nothing is computed or written into it)."""
     data_d = relabel(data, support, labels)
-    inp = DrawInputs(cfg, data_d, emb, device, encoder, context=context)
+    inp = DrawInputs(cfg, data_d, emb, device, encoder, meta_encoder, context=context)
     table = None
     table_file = cache / "table.safetensors"
     if table_file.exists():

@@ -394,3 +394,37 @@ def test_redraws_with_meta_members_count_the_family_once(redraw_run, capsys):
         assert "04_meta's encoder (the SSL encoder, not 03_metric's)" in results["aggregate"]["not_redrawn"]
     # the members were computed once: the second run read them from the cache
     assert len(list((paths.redraw_dir / "cache").rglob("meta_siamese.safetensors"))) == 2
+
+
+def test_the_saved_encoder_goes_to_04_meta_and_never_changes_a_head(redraw_run, monkeypatch):
+    """With meta.train_block the re-draws load the SSL encoder for 04_meta's methods; the heads keep
+    reading the embeddings (cosine_finetune fine-tunes an encoder it is handed)."""
+    from types import SimpleNamespace
+
+    import src.models.encoder as encoder_module
+    import src.stages.heads as heads_stage
+    import src.stages.meta as meta_stage
+
+    cfg, paths, overrides = redraw_run
+    from src.config import load_config
+
+    cfg = load_config(None, [*overrides, *META, "meta.train_block=true"])
+    saved, seen = object(), {"heads": [], "meta": []}
+    monkeypatch.setattr(encoder_module, "load_encoder", lambda *a, **k: saved)
+    real_head_outputs = heads_stage.head_outputs
+
+    def head_spy(name, cfg_, h, table, encoder=None, *args, **kwargs):
+        seen["heads"].append(encoder)
+        return real_head_outputs(name, cfg_, h, table, None, *args, **kwargs)
+
+    def assemble_spy(cfg_, data, source, pool, device, encoder, emb, truth=None, verbose=True):
+        seen["meta"].append((source, encoder))
+        return SimpleNamespace(device=device)
+
+    n_test, n_lab = len(selection.load_data(paths).test_idx), 30
+    fake = np.full((n_test, 10), 0.1, np.float32), np.full((n_lab, 10), 0.1, np.float32)
+    monkeypatch.setattr(heads_stage, "head_outputs", head_spy)
+    monkeypatch.setattr(meta_stage, "assemble_inputs", assemble_spy)
+    monkeypatch.setattr(meta_stage, "run_method", lambda name, inp: ({}, *fake))
+    selection.run_redraws(cfg, n_draws=1, members=["knn", "cosine_finetune", "meta_siamese"], rules=["mean"])
+    assert seen["heads"] == [None, None] and seen["meta"] == [("ssl", saved)]
