@@ -234,3 +234,28 @@ def test_pseudo_groups_follow_their_labeled_image_out_of_the_support(monkeypatch
     from src.cv import leave_one_out
     leave_one_out(fp, labeled_y)
     assert seen == [[1, 2, 3, 7], [0, 2, 3, 6, 7], [0, 1, 3, 6, 7], [0, 1, 2, 6]]
+
+
+def test_submit_counts_the_meta_family_once(truth_comp, tmp_path, capsys):
+    """06_submit: 04_meta's methods enter as meta_<method> and, with ensemble.count_once=[meta] (the
+    default), share one member's weight in the rule; with [] each weighs as a head."""
+    cfg, paths, overrides = make_run(truth_comp, tmp_path, pseudo=False,
+                                     extra=["heads.heads=[protonet,knn]", "ensemble.report=false"])
+    run_stage(get_stage("heads"), cfg)
+    data = load_data(paths)
+    rng = np.random.default_rng(0)
+    for method in ("maml", "reptile", "siamese"):
+        for path, rows in ((paths.head_probs(method, "meta"), len(data.test_idx)),
+                           (paths.head_oof(method, "meta"), len(data.labeled_idx))):
+            p = rng.random((rows, data.n_classes)).astype(np.float32)
+            io.write_npy(path, p / p.sum(1, keepdims=True))
+    io.write_json(paths.done_marker("meta"), {"fingerprint": "fake-meta", "summary": {}})
+    members = ["protonet", "knn", "meta_maml", "meta_reptile", "meta_siamese"]
+    for once, weights in (("[meta]", [1 / 3, 1 / 3, 1 / 9, 1 / 9, 1 / 9]), ("[]", [1 / 5] * 5)):
+        code, err = run_script("06_submit.py", *overrides, "ensemble.method=mean", f"ensemble.count_once={once}",
+                               "--force", capsys=capsys)
+        assert code == 0, err
+        sidecar = io.read_json(paths.submission("ensemble").with_suffix(".json"))
+        assert sidecar["members"] == members
+        assert [sidecar["weights"][m] for m in members] == pytest.approx(weights)
+        assert ("counted once: meta" in sidecar["note"]) == (once == "[meta]")
