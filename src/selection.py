@@ -182,13 +182,17 @@ class DrawInputs:
         empty = np.zeros(0, np.int64)
         return label_round(self.cfg, data, self.graph, self.device, empty, empty, None)[0]
 
+    def labels(self) -> pd.DataFrame:
+        """The draw's own round-0 label table (label_table of the draw's support), computed once."""
+        if self._labels is None:
+            self._labels = self.label_table(self.data)
+        return self._labels
+
     def round0(self, data: CompetitionData) -> pd.DataFrame:
         """02_pseudo round 0 seeded by `data`'s labels: the selected pseudo-labels (row, y, confidence)."""
         from src.stages.heads import pseudo_rows
 
-        table = self.label_table(data)
-        if data is self.data:
-            self._labels = table
+        table = self.labels() if data is self.data else self.label_table(data)
         return pseudo_rows(table, data, self.cfg.heads.pseudo_min_confidence)
 
     def pool(self) -> pd.DataFrame:
@@ -204,8 +208,7 @@ class DrawInputs:
             from src.paths import RunPaths
             from src.stages.meta import assemble_inputs, build_pool, needs_encoder
 
-            self.pool()  # the label table of the draw
-            pool = build_pool(self.cfg, RunPaths(self.cfg), self.data, "ssl", self._labels, self.emb)
+            pool = build_pool(self.cfg, RunPaths(self.cfg), self.data, "ssl", self.labels(), self.emb)
             if needs_encoder(self.cfg) and self.meta_encoder is None:
                 raise UserError("re-draws: 04_meta's methods need the SSL encoder (meta.train_block), none was loaded")
             self._meta = assemble_inputs(self.cfg, self.data, "ssl", pool, self.device, self.meta_encoder,
@@ -601,14 +604,15 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
     from src.stages.meta import needs_encoder
 
     device = resolve_device(cfg.run.device)
-    encoder = meta_encoder = None
     with_meta = any(member_source(n) == "meta" for n in members)
-    if loads_saved_encoder(cfg.heads, members) or (with_meta and needs_encoder(cfg)):
+    for_heads, for_meta = loads_saved_encoder(cfg.heads, members), with_meta and needs_encoder(cfg)
+    loaded = None
+    if for_heads or for_meta:
         from src.models.encoder import load_encoder
 
         loaded = load_encoder(paths.encoder("ssl"), paths.encoder_spec("ssl"), device)
-        encoder = loaded if loads_saved_encoder(cfg.heads, members) else None  # the heads fine-tune only when asked
-        meta_encoder = loaded if with_meta and needs_encoder(cfg) else None
+    encoder = loaded if for_heads else None  # a head handed an encoder fine-tunes it: only when configured
+    meta_encoder = loaded if for_meta else None
     cache = paths.redraw_dir / "cache" / _fingerprint(cfg, paths, n_train + n_val, seed, pool_split, cache_commit,
                                                       with_meta)
     if cache_commit and not cache.is_dir():
