@@ -48,7 +48,7 @@ from src.data import CompetitionData, load_data
 from src.ensemble import PREFERRED_RULES, RULES, Members, RuleParams, check_rule, estimate_context
 from src.ensemble import apply_rules as ensemble_rules
 from src.errors import UserError
-from src.estimate import ESTIMATORS, check_estimator, estimate_all, gde_estimate
+from src.estimate import ESTIMATORS, estimate_all, gde_estimate
 from src.paths import RunPaths
 
 # ---------------------------------------------------------------------------------------------
@@ -503,7 +503,9 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     paths = RunPaths(cfg)
     members = list(members or cfg.heads.heads)
     check_members(members)
-    check_estimator(cfg.cv.estimator)
+    from src.stages.submit import validate as validate_ensemble
+
+    validate_ensemble(cfg)  # cv.estimator and the ensemble.* keys the rules read (count_once, ...), as 06_submit checks them
     params = RuleParams.from_config(cfg.ensemble, cfg.run.seed, cfg.cv.estimator)
     if not rules:  # every rule that can run on these members
         trans, pref = any(is_transductive(n) for n in members), any(n in members for n in params.preferred)

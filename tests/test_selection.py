@@ -230,6 +230,7 @@ def test_redraw_cache_and_cli(redraw_run, capsys):
     for args, message in ((["--members", "protonet,nope"], "unknown member 'nope'"),
                           (["--rules", "mean,nope"], "--rules: unknown rule 'nope'"),
                           (["--draws", "0"], "--draws: must be >= 1"),
+                          (["ensemble.count_once=[metas]"], "ensemble.count_once: expected stages among"),
                           (["data.builder="], "only the digits builder knows them")):
         code, err = run_script("redraw.py", *overrides, *args, capsys=capsys)
         assert code == 2 and message in err, err
