@@ -302,6 +302,7 @@ def test_count_once_makes_a_family_of_shared_errors_one_voter():
     probs = heads + meta
     m = Members(names=["knn", "propagation"] + [f"meta_{k}" for k in "abcd"], oof=[p[:30] for p in probs],
                 probs=probs, y=y[:30], transductive=[False] * 6, sources=["heads"] * 2 + ["meta"] * 4)
+
     def agreement_accuracy(once):
         test = apply_rules(["agreement"], m, RuleParams(count_once=once))["agreement"].test
         return float((test.argmax(1) == y).mean())
