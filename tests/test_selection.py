@@ -134,13 +134,16 @@ def redraw_run(truth_comp, tmp_path):  # noqa: F811
                            "cv.stack_max_pseudo=100"])
 
 
-MEMBERS = ["protonet", "knn", "propagation"]
+MEMBERS = ["protonet", "knn", "propagation", "meta_siamese"]
 RULES = ["mean", "best", "agreement", "transductive", "preferred", "top", "gated", "auto"]
 
 
 def test_redraws_never_show_truth_to_members_or_rules(redraw_run, monkeypatch):
-    cfg, paths, _ = redraw_run
+    _, paths, overrides = redraw_run
+    from src.config import load_config
     from src.data import load_data
+
+    cfg = load_config(None, [*overrides, *META])  # a 04_meta method among the members (meta_siamese)
 
     data = load_data(paths)
     seen = []
