@@ -237,13 +237,10 @@ def count_once(m: Members, sources: list[str]) -> tuple[Members, np.ndarray]:
     method. Returns (merged members, spread (G, M)): a merged member's weight spreads evenly over
     the members it stands for, so member weights (M,) = merged weights (G,) @ spread."""
     stage = list(m.sources) or ["heads"] * len(m.names)
-    groups: list[list[int]] = []
+    keyed: dict[object, list[int]] = {}  # a family's stage, or the member's own index: its rows, in first-seen order
     for k, s in enumerate(stage):
-        family = next((g for g in groups if s in sources and stage[g[0]] == s), None)
-        if family is None:
-            groups.append([k])
-        else:
-            family.append(k)
+        keyed.setdefault(s if s in sources else k, []).append(k)
+    groups = list(keyed.values())
     spread = np.zeros((len(groups), len(m.names)))
     for g, ks in enumerate(groups):
         spread[g, ks] = 1.0 / len(ks)
