@@ -172,6 +172,7 @@ class DrawInputs:
     _meta: object = None
     context: object = None  # src.transductive.TransductiveContext over l2_normalize(emb): label-free, shared by draws
     graph: object = None  # 02_pseudo's labeler_input of emb (label-free: may be shared by draws); built when None
+    trunk: object = None  # src.meta.base.TrunkCache of meta_encoder (label-free: may be shared by draws), or None
 
     def label_table(self, data: CompetitionData) -> pd.DataFrame:
         """02_pseudo round 0 seeded by `data`'s labels: its label table (image_id, label, confidence, selected)."""
@@ -212,7 +213,7 @@ class DrawInputs:
             if needs_encoder(self.cfg) and self.meta_encoder is None:
                 raise UserError("re-draws: 04_meta's methods need the SSL encoder (meta.train_block), none was loaded")
             self._meta = assemble_inputs(self.cfg, self.data, "ssl", pool, self.device, self.meta_encoder,
-                                         self.emb, verbose=False)
+                                         self.emb, verbose=False, trunk=self.trunk)
         return self._meta
 
     def folds(self) -> list:
@@ -627,13 +628,20 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
     print(f"re-draws on run {cfg.run.name} (encoder seed {cfg.run.seed}): {n_draws} supports of {n_train}+{n_val} "
           f"per class from {len(pool)} {pool_split} images of known label; members {', '.join(members)}; "
           f"rules {', '.join(rules)}")
+    from src.meta.base import TrunkCache
+    from src.stages.pseudo import labeler_input
     from src.transductive import TransductiveContext
 
-    context = TransductiveContext(l2_normalize(emb), device)  # the kNN graph is label-free: built once
+    # What no label changes is built once and shared by the draws, each part on first use: the heads'
+    # kNN graph, 02_pseudo's, and the trunk features of 04_meta's encoder.
+    context = TransductiveContext(l2_normalize(emb), device)
+    graph = labeler_input(cfg, emb, device)
+    trunk = (TrunkCache(meta_encoder, data.images, device, cfg.meta.batch_size, cfg.run.precision)
+             if meta_encoder is not None else None)
     for d in tqdm(range(n_draws), desc="draws", disable=not cfg.run.progress):
         m, scored = draw_members(cfg, data, emb, labels, supports[d], members, device, encoder,
                                  cache / f"draw_{d:03d}", context, read_only=bool(cache_commit),
-                                 meta_encoder=meta_encoder)
+                                 meta_encoder=meta_encoder, graph=graph, trunk=trunk)
         combined = apply_rules(m, rules, params)
         rec = score_draw(m, combined, labels[scored], params=params)
         rec |= {"draw": d, "support": supports[d].tolist(), "n_scored": int((labels[scored] >= 0).sum()),
@@ -649,14 +657,15 @@ def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[s
 
 def draw_members(cfg: Config, data: CompetitionData, emb: np.ndarray, labels: np.ndarray, support: np.ndarray,
                  names: list[str], device, encoder, cache: Path, context=None,
-                 read_only: bool = False, meta_encoder=None) -> tuple[Members, np.ndarray]:
+                 read_only: bool = False, meta_encoder=None, graph=None, trunk=None) -> tuple[Members, np.ndarray]:
     """Members of one draw, from the cache where present, and the rows (T,) their test probabilities
     score. Only support rows' labels are passed on. encoder / meta_encoder: the saved SSL encoder for
     the heads that fine-tune it and for 04_meta's methods, or None. context: the transductive heads'
-    TransductiveContext (label-free: one for every draw) or None. read_only: a member missing from
+    TransductiveContext (label-free: one for every draw) or None; graph / trunk: 02_pseudo's labeler input
+    and 04_meta's TrunkCache, shared by the draws in the same way (DrawInputs). read_only: a member missing from
     the cache is an error (an earlier commit's cache: nothing is computed or written into it)."""
     data_d = relabel(data, support, labels)
-    inp = DrawInputs(cfg, data_d, emb, device, encoder, meta_encoder, context=context)
+    inp = DrawInputs(cfg, data_d, emb, device, encoder, meta_encoder, context=context, graph=graph, trunk=trunk)
     table = None
     table_file = cache / "table.safetensors"
     if table_file.exists():

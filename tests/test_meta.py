@@ -296,6 +296,26 @@ def test_encoder_tail_on_cached_trunk_features_reproduces_the_encoder():
     assert trainable and all(n.startswith("net.layer4.1.") for n in trainable)  # only the last block
 
 
+
+def test_trunk_cache_gives_trunk_features_and_computes_each_row_once(monkeypatch):
+    import src.meta.base as base
+    from src.models.encoder import Encoder
+
+    torch.manual_seed(0)
+    encoder = Encoder(BackboneCfg(name="resnet18", width=4), 32).eval()
+    images = np.random.default_rng(0).integers(0, 255, (9, 32, 32, 3), dtype=np.uint8)
+    asked, real = [], base.trunk_features
+    monkeypatch.setattr(base, "trunk_features", lambda enc, imgs, rows, *a, **k: asked.append(rows.tolist())
+                        or real(enc, imgs, rows, *a, **k))
+    cache = base.TrunkCache(encoder, images, torch.device("cpu"), batch_size=4, precision="fp32")
+    for rows in ([5, 0, 3], [3, 8, 5, 1, 1], [0, 3]):  # repeats, overlaps, a call with nothing new
+        rows = np.array(rows)
+        got = cache(rows)
+        assert got.dtype == torch.float16 and got.shape == (len(rows), 32, 4, 4)
+        torch.testing.assert_close(got, real(encoder, images, rows, torch.device("cpu"), precision="fp32"),
+                                   atol=1e-3, rtol=1e-3)  # batch composition may move a float16 rounding
+    assert asked == [[0, 3, 5], [1, 8]]  # only rows not computed before, each once
+
 # ---------------------------------------------------------------------------------------------
 # Leave-one-out without leakage
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import run_script
 from src import io, selection
@@ -421,8 +422,9 @@ def test_the_saved_encoder_goes_to_04_meta_and_never_changes_a_head(redraw_run, 
         seen["heads"].append(encoder)
         return real_head_outputs(name, cfg_, h, table, None, *args, **kwargs)
 
-    def assemble_spy(cfg_, data, source, pool, device, encoder, emb, truth=None, verbose=True):
+    def assemble_spy(cfg_, data, source, pool, device, encoder, emb, truth=None, verbose=True, trunk=None):
         seen["meta"].append((source, encoder))
+        assert trunk.encoder is saved  # the draws' shared trunk features are the same encoder's
         return SimpleNamespace(device=device)
 
     n_test, n_lab = len(selection.load_data(paths).test_idx), 30
@@ -432,3 +434,37 @@ def test_the_saved_encoder_goes_to_04_meta_and_never_changes_a_head(redraw_run, 
     monkeypatch.setattr(meta_stage, "run_method", lambda name, inp: ({}, *fake))
     selection.run_redraws(cfg, n_draws=1, members=["knn", "cosine_finetune", "meta_siamese"], rules=["mean"])
     assert seen["heads"] == [None, None] and seen["meta"] == [("ssl", saved)]
+
+
+def test_redraws_compute_the_label_free_inputs_once(redraw_run, monkeypatch):
+    """02_pseudo's labeler graph and 04_meta's trunk features read no label: the draws share them,
+    so each image's trunk features are computed once over all draws."""
+    import src.meta.base as meta_base
+    import src.stages.pseudo as pseudo_stage
+    from src.config import load_config
+
+    from src.config import BackboneCfg
+    from src.models.encoder import Encoder, save_encoder
+
+    _, paths, overrides = redraw_run
+    cfg = load_config(None, [*overrides, *META, "meta.train_block=true"])
+    torch.manual_seed(0)
+    size = selection.load_data(paths).images.shape[1]
+    save_encoder(Encoder(BackboneCfg(name="resnet18", width=4), size), paths.encoder("ssl"), paths.encoder_spec("ssl"))
+    computed, graphs = [], []
+    real_trunk, real_input = meta_base.trunk_features, pseudo_stage.labeler_input
+
+    def trunk_spy(encoder, images, rows, *args, **kwargs):
+        computed.extend(np.asarray(rows).tolist())
+        return real_trunk(encoder, images, rows, *args, **kwargs)
+
+    def input_spy(*args, **kwargs):
+        graphs.append(1)
+        return real_input(*args, **kwargs)
+
+    monkeypatch.setattr(meta_base, "trunk_features", trunk_spy)
+    monkeypatch.setattr(pseudo_stage, "labeler_input", input_spy)
+    out = selection.run_redraws(cfg, n_draws=2, members=["knn", "meta_protonet_episodic"], rules=["mean"],
+                                fresh=True)
+    assert out["n_draws"] == 2 and len(graphs) == 1
+    assert computed and len(computed) == len(set(computed))  # no image's trunk features twice

@@ -131,6 +131,30 @@ def trunk_features(encoder: nn.Module, images: np.ndarray, rows: np.ndarray, dev
     return torch.cat(captured) if captured else torch.zeros(0, device=device, dtype=torch.float16)
 
 
+class TrunkCache:
+    """trunk_features of image rows, each row computed once and kept. Trunk features read no label,
+    so every support re-draw of one encoder shares them (the test rows are most of each draw's)."""
+
+    def __init__(self, encoder: nn.Module, images: np.ndarray, device: torch.device, batch_size: int = 512,
+                 precision: str = "bf16"):
+        self.encoder, self.images, self.device = encoder, images, device
+        self.batch_size, self.precision = batch_size, precision
+        self.pos = np.full(len(images), -1, np.int64)  # (N,) row -> position in feats, -1: not computed
+        self.feats: torch.Tensor | None = None  # (computed rows, ...) float16
+
+    def __call__(self, rows: np.ndarray, progress: bool = False) -> torch.Tensor:
+        """trunk_features(encoder, images, rows, ...): float16 (len(rows), ...) on the device."""
+        rows = np.asarray(rows, np.int64)
+        missing = np.unique(rows[self.pos[rows] < 0])
+        if len(missing):
+            new = trunk_features(self.encoder, self.images, missing, self.device, self.batch_size, self.precision,
+                                 progress)
+            start = 0 if self.feats is None else len(self.feats)
+            self.feats = new if self.feats is None else torch.cat([self.feats, new])
+            self.pos[missing] = start + np.arange(len(missing))
+        return self.feats[torch.from_numpy(self.pos[rows]).to(self.feats.device)]
+
+
 class FeatureBank:
     """Cached body inputs for a set of image rows; ``bank[rows]`` -> float32 tensor on the device."""
 

@@ -35,7 +35,7 @@ from src.cv import cv_summary, format_interval, leave_one_out, public_truth, tru
 from src.data import CompetitionData, load_data
 from src.errors import UserError
 from src.meta import META_METHODS
-from src.meta.base import (EncoderTail, FeatureBank, Identity, MetaMethod, PeakMemory, meta_train,
+from src.meta.base import (EncoderTail, FeatureBank, Identity, MetaMethod, PeakMemory, TrunkCache, meta_train,
                            trunk_features)
 from src.meta.sampler import (POOLS, EpisodeSampler, Pool, cap_per_class, cluster_pool, labeled_pool,
                               pseudo_pool, pseudo_pool_of)
@@ -187,17 +187,19 @@ def prepare_inputs(cfg: Config, paths: RunPaths) -> MetaInputs:
 
 def assemble_inputs(cfg: Config, data: CompetitionData, source: str, pool: Pool, device: torch.device,
                     encoder: nn.Module | None, emb: np.ndarray | None, truth: np.ndarray | None = None,
-                    verbose: bool = True) -> MetaInputs:
+                    verbose: bool = True, trunk: TrunkCache | None = None) -> MetaInputs:
     """MetaInputs over `data`'s labeled and test rows and `pool`: the body inputs of every row the
     methods read (trunk features of `encoder` with meta.train_block, else the rows of `emb` (N, D)
-    L2-normalised). Shared by 04_meta and the re-draw evaluation (src/selection.py)."""
+    L2-normalised). Shared by 04_meta and the re-draw evaluation (src/selection.py), whose draws
+    pass one `trunk` cache of `encoder`'s features so that each image's are computed once."""
     labeled, test = data.labeled_idx, data.test_idx
     rows = np.unique(np.concatenate([pool.rows, labeled, test]))
     t0 = time.perf_counter()
     dim = 0
     if cfg.meta.train_block:
-        feats = trunk_features(encoder, data.images, rows, device, cfg.meta.batch_size, cfg.run.precision,
-                               cfg.run.progress and verbose)
+        progress = cfg.run.progress and verbose
+        feats = (trunk_features(encoder, data.images, rows, device, cfg.meta.batch_size, cfg.run.precision, progress)
+                 if trunk is None else trunk(rows, progress))
         if use_channels_last(cfg.run.channels_last, device, encoder) and feats.dim() == 4:
             feats = feats.contiguous(memory_format=torch.channels_last)
     else:
