@@ -296,7 +296,6 @@ def test_encoder_tail_on_cached_trunk_features_reproduces_the_encoder():
     assert trainable and all(n.startswith("net.layer4.1.") for n in trainable)  # only the last block
 
 
-
 def test_trunk_cache_gives_trunk_features_and_computes_each_row_once(monkeypatch):
     import src.meta.base as base
     from src.models.encoder import Encoder
@@ -315,6 +314,7 @@ def test_trunk_cache_gives_trunk_features_and_computes_each_row_once(monkeypatch
         torch.testing.assert_close(got, real(encoder, images, rows, torch.device("cpu"), precision="fp32"),
                                    atol=1e-3, rtol=1e-3)  # batch composition may move a float16 rounding
     assert asked == [[0, 3, 5], [1, 8]]  # only rows not computed before, each once
+
 
 # ---------------------------------------------------------------------------------------------
 # Leave-one-out without leakage

@@ -441,9 +441,7 @@ def test_redraws_compute_the_label_free_inputs_once(redraw_run, monkeypatch):
     so each image's trunk features are computed once over all draws."""
     import src.meta.base as meta_base
     import src.stages.pseudo as pseudo_stage
-    from src.config import load_config
-
-    from src.config import BackboneCfg
+    from src.config import BackboneCfg, load_config
     from src.models.encoder import Encoder, save_encoder
 
     _, paths, overrides = redraw_run
