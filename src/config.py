@@ -332,12 +332,14 @@ class CVCfg:
 @dataclass
 class EnsembleCfg:
     # Rule submitted (src/ensemble.py RULES): mean | weighted | rank | stack | best (max LOO) | shrunk |
-    # agreement | transductive | preferred | preferred_mean | top (one-SE set) | gated | auto (best local CV
+    # agreement | agreement_rank (agreement's weights on percentile ranks) | transductive | preferred |
+    # preferred_mean | top (one-SE set) | gated | auto (best local CV
     # among auto_candidates) | estimated (highest cv.estimator estimate). Chosen on the re-draw evaluation
     # (pipelines/redraw.py, README, docs/RESULTS.md): on digits, 3 encoder seeds x 20 support draws,
     # agreement (label-free Dawid-Skene-style member weights) passes both bars, as do rank, mean, shrunk,
     # gated, preferred; agreement keeps calibrated probabilities (rank's are normalised ranks), while picking
     # one member by an estimate (best, estimated) or weighting by the 30 labels (weighted, stack) fails.
+    # Pools with several 04_meta methods (the GPU configs) submit agreement_rank, which passed every such table.
     method: str = "agreement"
     members: list[str] = field(default_factory=list)  # empty: every member of the stages in `sources`
     sources: list[str] = field(default_factory=lambda: ["heads", "meta"])  # heads (05_heads) | meta (04_meta)
@@ -346,7 +348,7 @@ class EnsembleCfg:
     count_once: list[str] = field(default_factory=lambda: ["meta"])
     preferred: list[str] = field(default_factory=lambda: ["propagation", "knn"])  # preferred/gated: first present; preferred_mean: all
     auto_candidates: list[str] = field(default_factory=lambda: ["mean", "weighted", "rank", "stack"])
-    agreement_iters: int = 10  # method=agreement: re-weighting steps against the consensus
+    agreement_iters: int = 10  # method=agreement / agreement_rank: re-weighting steps against the consensus
     gate_agreement: float = 0.9  # method=gated: mean pairwise test agreement at or above which the mean is used
     weight_rounds: int = 20  # greedy ensemble selection with replacement (Caruana et al. 2004)
     stacker_rounds: int = 200

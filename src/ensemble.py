@@ -46,14 +46,16 @@ def percentile_ranks(p: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return out
 
 
-def rank_average(probs: list[np.ndarray], reference: list[np.ndarray] | None = None) -> np.ndarray:
-    """Average across members of per-class percentile ranks, renormalised per row. Each member's
-    column is ranked among the same column of its `reference` rows (default: the rows themselves):
-    the LOO rows of the labeled images are ranked among the test rows, so their scores are the same
-    function of the member's probabilities as the test images' and the rule's local CV and accuracy
-    estimates read what is submitted. Insensitive to the members' calibration; needs many rows."""
+def rank_average(probs: list[np.ndarray], reference: list[np.ndarray] | None = None,
+                 weights: np.ndarray | None = None) -> np.ndarray:
+    """Average across members (weighted by `weights` (M,), default equal) of per-class percentile
+    ranks, renormalised per row. Each member's column is ranked among the same column of its
+    `reference` rows (default: the rows themselves): the LOO rows of the labeled images are ranked
+    among the test rows, so their scores are the same function of the member's probabilities as the
+    test images' and the rule's local CV and accuracy estimates read what is submitted. Insensitive
+    to the members' calibration; needs many rows."""
     reference = probs if reference is None else reference
-    r = np.mean([percentile_ranks(p, ref) for p, ref in zip(probs, reference)], axis=0) + EPS
+    r = np.average([percentile_ranks(p, ref) for p, ref in zip(probs, reference)], axis=0, weights=weights) + EPS
     return (r / r.sum(1, keepdims=True)).astype(np.float32)
 
 
@@ -419,6 +421,19 @@ def rule_agreement(m: Members, p: RuleParams) -> Combined:
     w = agreement_weights(m.probs, p.agreement_iters)
     return Combined(mean_probs(m.oof, w), mean_probs(m.probs, w), w,
                     "weights from agreement with the consensus on the test images (label-free)")
+
+
+@rule("agreement_rank")
+def rule_agreement_rank(m: Members, p: RuleParams) -> Combined:
+    """agreement's label-free weights, read from and applied to the members' per-class percentile
+    ranks among the test rows (rank's scores) instead of their probabilities. In a mean of
+    probabilities a member whose probabilities are sharper than the others' carries the consensus,
+    so agreement weighs it most whatever its accuracy; ranks put every member on one scale. Weighted
+    rank average; the LOO rows ranked among the test rows."""
+    w = agreement_weights([percentile_ranks(q, q) for q in m.probs], p.agreement_iters)  # (M,)
+    return Combined(rank_average(m.oof, m.probs, w), rank_average(m.probs, weights=w), w,
+                    "weights from agreement with the consensus of the members' percentile ranks on the test "
+                    "images (label-free); weighted rank average")
 
 
 def equal_weight_mean(m: Members, keep: np.ndarray, which: str) -> Combined:

@@ -26,6 +26,9 @@ def test_mean_and_rank_average_hand_values():
     r = rank_average([a, b])
     np.testing.assert_allclose(r[:, 0], [5 / 6, 1 / 3, 1 / 3], atol=1e-4)
     assert r[0].argmax() == 0 and np.allclose(r.sum(1), 1)
+    # weighted (3:1): class 0 -> 3/4 a's percentiles + 1/4 b's = (5/6, 1/4, 5/12)
+    rw = rank_average([a, b], weights=np.array([3.0, 1.0]))
+    np.testing.assert_allclose(rw[:, 0], [5 / 6, 1 / 4, 5 / 12], atol=1e-4)
 
 
 def test_rank_average_scores_query_rows_among_the_reference_rows():
@@ -155,6 +158,43 @@ def test_agreement_weights_find_the_accurate_members_without_labels():
     c = eye[[1, 2, 0, 1]]
     w = agreement_weights([a, b, c], iters=5)
     np.testing.assert_allclose(w, [0.5, 0.5, 0.0], atol=1e-6)
+
+
+def sharp_and_flat_members(seed=0, n_test=2000, c=10):
+    """One overconfident member right on 50 % of the rows (near one-hot probabilities) and three
+    independent members right on 70 % with flat probabilities (top probability about 0.23)."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, c, n_test)
+
+    def member(acc, scale):
+        said = np.where(rng.random(n_test) < acc, truth, rng.integers(0, c, n_test))
+        logits = scale * np.eye(c)[said] + rng.normal(0, 0.3, (n_test, c))
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return (p / p.sum(1, keepdims=True)).astype(np.float32)
+
+    probs = [member(0.5, 12.0)] + [member(0.7, 1.0) for _ in range(3)]
+    return Members(["sharp", "flat0", "flat1", "flat2"], [p[:30] for p in probs], probs, truth[:30]), truth
+
+
+def test_agreement_rank_weighs_members_on_one_scale():
+    from src.ensemble import accuracy, percentile_ranks
+
+    m, truth = sharp_and_flat_members()
+    accs = [accuracy(p, truth) for p in m.probs]  # about 0.55, 0.7, 0.7, 0.7
+    plain, ranked = RULES["agreement"](m, RuleParams()), RULES["agreement_rank"](m, RuleParams())
+    # the sharp member carries the mean of probabilities: agreement trusts it and submits its argmax
+    assert plain.weights.argmax() == 0 and accuracy(plain.test, truth) == pytest.approx(accs[0], abs=0.01)
+    # on ranks the three accurate members outweigh it, and the rule beats every member
+    assert ranked.weights[0] < ranked.weights[1:].min() and ranked.weights.sum() == pytest.approx(1)
+    assert accuracy(ranked.test, truth) > max(accs) + 0.05
+    # the weights are agreement_weights on the percentile ranks; the output is the weighted rank average
+    w = agreement_weights([percentile_ranks(p, p) for p in m.probs])
+    np.testing.assert_allclose(ranked.weights, w, atol=1e-6)
+    np.testing.assert_allclose(ranked.test, rank_average(m.probs, weights=w), atol=1e-6)
+    np.testing.assert_allclose(ranked.oof, rank_average(m.oof, m.probs, weights=w), atol=1e-6)
+    # equal weights give the rank rule
+    np.testing.assert_allclose(rank_average(m.probs, weights=np.ones(4)), RULES["rank"](m, RuleParams()).test,
+                               atol=1e-6)
 
 
 def test_shrink_weights_are_uniform_when_the_loo_spread_is_noise():
