@@ -333,8 +333,8 @@ class CVCfg:
 class EnsembleCfg:
     # Rule submitted (src/ensemble.py RULES): mean | weighted | rank | stack | best (max LOO) | shrunk |
     # agreement | agreement_rank (agreement's weights on percentile ranks) | transductive | preferred |
-    # preferred_mean | top (one-SE set) | gated | auto (best local CV
-    # among auto_candidates) | estimated (highest cv.estimator estimate). Chosen on the re-draw evaluation
+    # preferred_mean | top (one-SE set) | gated | auto (best local CV among auto_candidates) | estimated
+    # (highest cv.estimator estimate). Chosen on the re-draw evaluation
     # (pipelines/redraw.py, README, docs/RESULTS.md): on digits, 3 encoder seeds x 20 support draws,
     # agreement (label-free Dawid-Skene-style member weights) passes both bars, as do rank, mean, shrunk,
     # gated, preferred; agreement keeps calibrated probabilities (rank's are normalised ranks), while picking

@@ -55,7 +55,12 @@ def rank_average(probs: list[np.ndarray], reference: list[np.ndarray] | None = N
     test images' and the rule's local CV and accuracy estimates read what is submitted. Insensitive
     to the members' calibration; needs many rows."""
     reference = probs if reference is None else reference
-    r = np.average([percentile_ranks(p, ref) for p, ref in zip(probs, reference)], axis=0, weights=weights) + EPS
+    return average_ranks([percentile_ranks(p, ref) for p, ref in zip(probs, reference)], weights)
+
+
+def average_ranks(ranks: list[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
+    """(n, C) weighted mean over members of percentile ranks (M arrays (n, C)), renormalised per row."""
+    r = np.average(ranks, axis=0, weights=weights) + EPS
     return (r / r.sum(1, keepdims=True)).astype(np.float32)
 
 
@@ -430,8 +435,9 @@ def rule_agreement_rank(m: Members, p: RuleParams) -> Combined:
     probabilities a member whose probabilities are sharper than the others' carries the consensus,
     so agreement weighs it most whatever its accuracy; ranks put every member on one scale. Weighted
     rank average; the LOO rows ranked among the test rows."""
-    w = agreement_weights([percentile_ranks(q, q) for q in m.probs], p.agreement_iters)  # (M,)
-    return Combined(rank_average(m.oof, m.probs, w), rank_average(m.probs, weights=w), w,
+    ranks = [percentile_ranks(q, q) for q in m.probs]  # (T, C) per member
+    w = agreement_weights(ranks, p.agreement_iters)  # (M,)
+    return Combined(rank_average(m.oof, m.probs, w), average_ranks(ranks, w), w,
                     "weights from agreement with the consensus of the members' percentile ranks on the test "
                     "images (label-free); weighted rank average")
 
