@@ -51,7 +51,7 @@ if __name__ == "__main__":
     parser.add_argument("--draws", type=int, default=30, help="support re-draws (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws (default 0)")
     parser.add_argument("--members", default="", help="comma-separated members: heads and meta_<method> (default: heads.heads)")
-    parser.add_argument("--rules", default="", help="comma-separated rules (default: every rule, with and without +propagate)")
+    parser.add_argument("--rules", default="", help="comma-separated rules (default: every rule that can run on the members)")
     parser.add_argument("--labels", default="", help="image_id,label CSV of every image (default: the data builder's)")
     parser.add_argument("--fresh", action="store_true", help="recompute the cached member outputs")
     parser.add_argument("--cache-commit", default="", help="read the members from the cache written at this commit "

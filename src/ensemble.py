@@ -48,20 +48,53 @@ def percentile_ranks(p: np.ndarray, reference: np.ndarray) -> np.ndarray:
 
 def rank_average(probs: list[np.ndarray], reference: list[np.ndarray] | None = None,
                  weights: np.ndarray | None = None) -> np.ndarray:
-    """Average across members (weighted by `weights` (M,), default equal) of per-class percentile
-    ranks, renormalised per row. Each member's column is ranked among the same column of its
+    """(n, C) average across members (weighted by `weights` (M,), default equal) of per-class
+    percentile ranks, in [0, 1]. Each member's column is ranked among the same column of its
     `reference` rows (default: the rows themselves): the LOO rows of the labeled images are ranked
     among the test rows, so their scores are the same function of the member's probabilities as the
     test images' and the rule's local CV and accuracy estimates read what is submitted. Insensitive
-    to the members' calibration; needs many rows."""
+    to the members' calibration; needs many rows. Scores, not probabilities: see `rank_probs`."""
     reference = probs if reference is None else reference
     return average_ranks([percentile_ranks(p, ref) for p, ref in zip(probs, reference)], weights)
 
 
 def average_ranks(ranks: list[np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
-    """(n, C) weighted mean over members of percentile ranks (M arrays (n, C)), renormalised per row."""
-    r = np.average(ranks, axis=0, weights=weights) + EPS
-    return (r / r.sum(1, keepdims=True)).astype(np.float32)
+    """(n, C) weighted mean over members of percentile ranks (M arrays (n, C))."""
+    return np.average(np.asarray(ranks, np.float64), axis=0, weights=weights)
+
+
+def softmax_scores(scores: np.ndarray, tau: float) -> np.ndarray:
+    """(n, C) softmax(scores / tau), float32."""
+    z = np.asarray(scores, np.float64) / tau
+    z = np.exp(z - z.max(1, keepdims=True))
+    return (z / z.sum(1, keepdims=True)).astype(np.float32)
+
+
+def confidence_matching_tau(scores: np.ndarray, confidence: float, iters: int = 60) -> float:
+    """The tau at which softmax(scores / tau) (scores (T, C), each in [0, 1]) has mean top probability
+    `confidence` over the rows, by bisection on log tau (the mean top probability falls as tau grows)."""
+    c = scores.shape[1]
+    target = float(np.clip(confidence, 1.0 / c + 1e-4, 1 - 1e-4))
+    lo, hi = np.log(1e-4), np.log(1e2)
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if softmax_scores(scores, np.exp(mid)).max(1).mean() > target:
+            lo = mid
+        else:
+            hi = mid
+    return float(np.exp(0.5 * (lo + hi)))
+
+
+def rank_probs(test_scores: np.ndarray, oof_scores: np.ndarray, like: np.ndarray
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities from rank scores, label-free and argmax-preserving: softmax(scores / tau), with
+    one tau for the test rows and the LOO rows, chosen so the test rows' mean top probability equals
+    that of `like` (T, C), the members' mean probabilities with the rule's weights. The rule then
+    submits probabilities on its members' own confidence scale, which the accuracy estimates (DoC,
+    ATC on negative entropy, temperature scaling) and the log-loss read; renormalised ranks would put
+    about 0.2 on every top class. Returns (test (T, C), oof (n, C))."""
+    tau = confidence_matching_tau(test_scores, like.max(1).mean())
+    return softmax_scores(test_scores, tau), softmax_scores(oof_scores, tau)
 
 
 def log_loss(probs: np.ndarray, y: np.ndarray) -> float:
@@ -344,8 +377,9 @@ def rule_weighted(m: Members, p: RuleParams) -> Combined:
 
 @rule("rank")
 def rule_rank(m: Members, p: RuleParams) -> Combined:
-    return Combined(rank_average(m.oof, m.probs), rank_average(m.probs), None,
-                    "per-class percentile rank among the test rows, averaged")
+    test, oof = rank_probs(rank_average(m.probs), rank_average(m.oof, m.probs), mean_probs(m.probs))
+    return Combined(oof, test, None, "per-class percentile rank among the test rows, averaged; as probabilities "
+                    "on the members' confidence scale (label-free)")
 
 
 @rule("best")
@@ -434,12 +468,13 @@ def rule_agreement_rank(m: Members, p: RuleParams) -> Combined:
     ranks among the test rows (rank's scores) instead of their probabilities. In a mean of
     probabilities a member whose probabilities are sharper than the others' carries the consensus,
     so agreement weighs it most whatever its accuracy; ranks put every member on one scale. Weighted
-    rank average; the LOO rows ranked among the test rows."""
+    rank average, the LOO rows ranked among the test rows, submitted as probabilities (`rank_probs`)."""
     ranks = [percentile_ranks(q, q) for q in m.probs]  # (T, C) per member
     w = agreement_weights(ranks, p.agreement_iters)  # (M,)
-    return Combined(rank_average(m.oof, m.probs, w), average_ranks(ranks, w), w,
-                    "weights from agreement with the consensus of the members' percentile ranks on the test "
-                    "images (label-free); weighted rank average")
+    test, oof = rank_probs(average_ranks(ranks, w), rank_average(m.oof, m.probs, w), mean_probs(m.probs, w))
+    return Combined(oof, test, w, "weights from agreement with the consensus of the members' percentile ranks on "
+                    "the test images (label-free); weighted rank average, as probabilities on the members' "
+                    "confidence scale")
 
 
 def equal_weight_mean(m: Members, keep: np.ndarray, which: str) -> Combined:

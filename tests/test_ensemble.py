@@ -5,7 +5,7 @@ import pytest
 from sklearn.model_selection import KFold
 
 from src.ensemble import (check_folds, fit_stacker, greedy_weights, group_folds, group_oof, leak_check, log_loss,
-                          mean_probs, nested_weighted_oof, rank_average, stack_oof)
+                          mean_probs, nested_weighted_oof, rank_average, rank_probs, stack_oof)
 from src.errors import UserError
 
 
@@ -189,13 +189,43 @@ def test_agreement_rank_weighs_members_on_one_scale():
     assert ranked.weights[0] < ranked.weights[1:].min() and ranked.weights.sum() == pytest.approx(1)
     assert accuracy(ranked.test, truth) > max(accs) + 0.05
     # the weights are agreement_weights on the percentile ranks; the output is the weighted rank average
+    # as probabilities, one tau for the test and LOO rows
     w = agreement_weights([percentile_ranks(p, p) for p in m.probs])
     np.testing.assert_allclose(ranked.weights, w, atol=1e-6)
-    np.testing.assert_allclose(ranked.test, rank_average(m.probs, weights=w), atol=1e-6)
-    np.testing.assert_allclose(ranked.oof, rank_average(m.oof, m.probs, weights=w), atol=1e-6)
+    test, oof = rank_probs(rank_average(m.probs, weights=w), rank_average(m.oof, m.probs, w), mean_probs(m.probs, w))
+    np.testing.assert_allclose(ranked.test, test, atol=1e-6)
+    np.testing.assert_allclose(ranked.oof, oof, atol=1e-6)
+    assert (ranked.test.argmax(1) == rank_average(m.probs, weights=w).argmax(1)).all()
     # equal weights give the rank rule
-    np.testing.assert_allclose(rank_average(m.probs, weights=np.ones(4)), RULES["rank"](m, RuleParams()).test,
+    np.testing.assert_allclose(rank_probs(rank_average(m.probs, weights=np.ones(4)), rank_average(m.oof, m.probs),
+                                          mean_probs(m.probs))[0], RULES["rank"](m, RuleParams()).test, atol=1e-6)
+
+
+def test_rank_probs_keep_the_argmax_on_the_members_confidence_scale():
+    from src.ensemble import confidence_matching_tau, softmax_scores
+
+    np.testing.assert_allclose(softmax_scores(np.array([[1.0, 0.0]]), 1.0)[0], [np.e / (1 + np.e), 1 / (1 + np.e)],
                                atol=1e-6)
+    rng = np.random.default_rng(0)
+    scores = rng.random((500, 10))  # (T, C) mean percentile ranks
+    like = rng.dirichlet(np.full(10, 0.3), 500)  # (T, C) the members' mean probabilities
+    test, oof = rank_probs(scores, scores[[3, 9]], like)
+    assert (test.argmax(1) == scores.argmax(1)).all() and np.allclose(test.sum(1), 1, atol=1e-5)
+    assert test.max(1).mean() == pytest.approx(like.max(1).mean(), abs=1e-3)
+    np.testing.assert_allclose(oof, test[[3, 9]], atol=1e-6)  # a LOO row scored as the same test row
+    # a higher target confidence needs a lower temperature
+    assert confidence_matching_tau(scores, 0.6) < confidence_matching_tau(scores, 0.3)
+
+
+def test_rank_rules_submit_probabilities_not_renormalised_ranks():
+    m, truth = sharp_and_flat_members()
+    for name in ("rank", "agreement_rank"):
+        out = RULES[name](m, RuleParams())
+        ranks = rank_average(m.probs, weights=out.weights)
+        renormalised = ranks / ranks.sum(1, keepdims=True)
+        assert (out.test.argmax(1) == ranks.argmax(1)).all()
+        # renormalised ranks put about 0.2 on every top class: a log-loss near chance's log(10) = 2.3
+        assert log_loss(out.test, truth) < log_loss(renormalised, truth) - 0.2, name
 
 
 def test_shrink_weights_are_uniform_when_the_loo_spread_is_noise():
