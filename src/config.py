@@ -337,9 +337,11 @@ class EnsembleCfg:
     # (highest cv.estimator estimate). Chosen on the re-draw evaluation
     # (pipelines/redraw.py, README, docs/RESULTS.md): on digits, 3 encoder seeds x 20 support draws,
     # agreement (label-free Dawid-Skene-style member weights) passes both bars, as do rank, mean, shrunk,
-    # gated, preferred; agreement keeps calibrated probabilities (rank's are normalised ranks), while picking
-    # one member by an estimate (best, estimated) or weighting by the 30 labels (weighted, stack) fails.
-    # Pools with several 04_meta methods (the GPU configs) submit agreement_rank, which passed every such table.
+    # gated, preferred, while picking one member by an estimate (best, estimated) or weighting by the 30
+    # labels (weighted, stack) fails. rank and agreement_rank submit softmax(mean rank / tau) at a label-free
+    # tau matching the members' confidence. Pools with several 04_meta methods (the GPU configs) and the
+    # pretrained recipes submit agreement_rank, which passed their tables; on the AVX2 demo pool it misses
+    # the worst-draw bar by 0.2 point, so the default stays agreement.
     method: str = "agreement"
     members: list[str] = field(default_factory=list)  # empty: every member of the stages in `sources`
     sources: list[str] = field(default_factory=lambda: ["heads", "meta"])  # heads (05_heads) | meta (04_meta)

@@ -375,9 +375,19 @@ def rule_weighted(m: Members, p: RuleParams) -> Combined:
                     "weights: greedy selection on LOO probabilities; CV nested")
 
 
+def rank_rule_probs(m: Members, w: np.ndarray | None = None, ranks: list[np.ndarray] | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The members' rank average with weights w (M,) (default equal), as probabilities (`rank_probs`,
+    on the confidence scale of their mean probabilities with the same weights); the LOO rows ranked
+    among the test rows. `ranks`: the members' percentile ranks among the test rows, if already
+    computed. Returns (test (T, C), oof (n, C))."""
+    ranks = [percentile_ranks(q, q) for q in m.probs] if ranks is None else ranks
+    return rank_probs(average_ranks(ranks, w), rank_average(m.oof, m.probs, w), mean_probs(m.probs, w))
+
+
 @rule("rank")
 def rule_rank(m: Members, p: RuleParams) -> Combined:
-    test, oof = rank_probs(rank_average(m.probs), rank_average(m.oof, m.probs), mean_probs(m.probs))
+    test, oof = rank_rule_probs(m)
     return Combined(oof, test, None, "per-class percentile rank among the test rows, averaged; as probabilities "
                     "on the members' confidence scale (label-free)")
 
@@ -471,7 +481,7 @@ def rule_agreement_rank(m: Members, p: RuleParams) -> Combined:
     rank average, the LOO rows ranked among the test rows, submitted as probabilities (`rank_probs`)."""
     ranks = [percentile_ranks(q, q) for q in m.probs]  # (T, C) per member
     w = agreement_weights(ranks, p.agreement_iters)  # (M,)
-    test, oof = rank_probs(average_ranks(ranks, w), rank_average(m.oof, m.probs, w), mean_probs(m.probs, w))
+    test, oof = rank_rule_probs(m, w, ranks)
     return Combined(oof, test, w, "weights from agreement with the consensus of the members' percentile ranks on "
                     "the test images (label-free); weighted rank average, as probabilities on the members' "
                     "confidence scale")
