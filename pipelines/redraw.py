@@ -9,11 +9,15 @@ against truth. Prints and writes runs/<run>/redraw/table.md and results.json.
     python pipelines/redraw.py -c configs/demo.yaml --draws 20 --encoder-seeds 0,1,2   # + the encoder's variance
     python pipelines/redraw.py -c configs/cifar_cpu_pretrained.yaml --pool test --labels TRUTH.csv --draws 20
     python pipelines/redraw.py -c configs/demo.yaml --draws 30 --cache-commit <commit>   # rescore cached members
+    python pipelines/redraw.py -c configs/demo.yaml run.name=A --merge B,C   # one table over runs A, B, C
 
 --encoder-seeds trains one encoder per seed (00_prepare and 01_ssl of run <name>-seed<s>, skipped when
 up to date; the run's own seed reuses the run) and draws the same supports on each. --pool test draws
 the supports from the test images whose label --labels gives and scores the other labeled test images
-(a competition with no labels beyond its support). Every accuracy estimator (src/estimate.py) is
+(a competition with no labels beyond its support). --merge reads the re-draws that other runs wrote
+(their redraw/results.json: other encoder seeds, drawn at other commits) and writes one table over
+them and the run's own under redraw/merged/, computing nothing; the runs must share members, rules
+and supports (the same --seed, --pool and --labels). Every accuracy estimator (src/estimate.py) is
 scored beside the members and rules: mean and worst |estimate - truth|, interval coverage, rank
 correlation across members.
 
@@ -32,7 +36,7 @@ import _bootstrap  # noqa: F401
 from src.cli import config_parser, guarded
 from src.config import load_config
 from src.errors import UserError
-from src.selection import run_redraws
+from src.selection import merge_redraws, run_redraws
 
 
 def _names(text):
@@ -59,8 +63,20 @@ if __name__ == "__main__":
     parser.add_argument("--encoder-seeds", default="", help="comma-separated run seeds, one encoder each (default: the run's)")
     parser.add_argument("--pool", default="train", choices=["train", "test"],
                         help="supports from the non-test (default) or the labeled test images")
+    parser.add_argument("--merge", default="", help="comma-separated runs whose re-draws join this run's in one "
+                        "table (redraw/merged/); computes nothing")
     args = parser.parse_args()
-    guarded(lambda: run_redraws(load_config(args.config, args.overrides), args.draws, _names(args.members),
-                                _names(args.rules), seed=args.seed, labels_csv=args.labels, fresh=args.fresh,
-                                encoder_seeds=_seeds(args.encoder_seeds), pool_split=args.pool,
-                                cache_commit=args.cache_commit) and None)
+
+    def merge():
+        clash = [flag for flag, on in (("--fresh", args.fresh), ("--cache-commit", args.cache_commit),
+                                       ("--encoder-seeds", args.encoder_seeds)) if on]
+        if clash:
+            raise UserError(f"--merge: reads written re-draws; {clash[0]} would compute them")
+        merge_redraws(load_config(args.config, args.overrides), _names(args.merge))
+
+    def redraw():
+        run_redraws(load_config(args.config, args.overrides), args.draws, _names(args.members), _names(args.rules),
+                    seed=args.seed, labels_csv=args.labels, fresh=args.fresh,
+                    encoder_seeds=_seeds(args.encoder_seeds), pool_split=args.pool, cache_commit=args.cache_commit)
+
+    guarded(merge if args.merge else redraw)

@@ -407,7 +407,7 @@ class BenchCfg:
     stage_budget_s: dict[str, float] = field(default_factory=dict)  # stage key (ssl, pseudo, ...) -> seconds, wall
     budget_s: float = 0.0  # whole pipeline, wall seconds; 0: no budget
     max_gpu_memory_gb: float = 0.0  # peak torch.cuda.max_memory_allocated of any stage (GB = 1e9 B); 0: no cap
-    roof_size: int = 0  # n of the n x n matmul that measures the roof; 0: 4096 (CPU, fp32) / 8192 (CUDA, bf16)
+    roof_size: int = 0  # n of the n x n matmul (in the SSL step's dtype) that measures the roof; 0: 4096 (CPU) / 8192 (CUDA)
     # >0: time this many SSL steps (bench.py ssl, beside 00_prepare) and set ssl.epochs to what fits
     # stage_budget_s.ssl at the measured speed, at most ssl_max_epochs; 0: keep ssl.epochs
     ssl_probe_steps: int = 0

@@ -21,7 +21,7 @@ of a full-size model in a second, with no memory at all.
 
     costs = ssl_step_costs(cfg)          # {"flops_per_view": 3.34e9, ...} for cfg.ssl.batch_size
     est = gpu_memory_estimate(cfg)       # per stage: bytes a CUDA run of this config needs at most
-    roof = matmul_roof(device)           # {"gflops": ..., "n": 4096, "dtype": "float32", ...}
+    roof = matmul_roof(device, dtype=ssl_step_dtype(cfg, device))  # {"gflops": ..., "n": 4096, "dtype": ...}
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from src.config import BackboneCfg, Config
-from src.runtime import sync
+from src.runtime import resolve_cpu_bf16, sync
 
 FULL_DATA = 59_980  # images of the real competition (train + val + test)
 GIB = 2**30
@@ -240,13 +240,22 @@ def gpu_memory_estimate(cfg: Config, n_images: int = FULL_DATA) -> dict:
     return out
 
 
-def matmul_roof(device: torch.device, n: int = 0, min_seconds: float = 0.5) -> dict:
+def ssl_step_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """The dtype of the SSL step's matrix products: bf16 under autocast (CUDA with run.precision bf16;
+    the CPU where ssl.cpu_precision resolves to bf16, src.runtime.autocast), else fp32. A roof in
+    another dtype than the step's is not its ceiling (fp32's is about half of native bf16's)."""
+    bf16 = cfg.run.precision == "bf16" and (device.type == "cuda" or resolve_cpu_bf16(cfg.ssl.cpu_precision))
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def matmul_roof(device: torch.device, n: int = 0, min_seconds: float = 0.5, dtype: torch.dtype | None = None) -> dict:
     """Measured matmul throughput, the ceiling achieved FLOP/s is compared against: an n x n
-    torch.mm in fp32 on CPU (with torch's current thread count; n = 4096 by default) or bf16 on
-    CUDA (n = 8192). One warm-up product, then enough products for about min_seconds (>= 3)."""
+    torch.mm in `dtype` (default: fp32 on CPU, with torch's current thread count, n = 4096 by default;
+    bf16 on CUDA, n = 8192; pass :func:`ssl_step_dtype` for a training step's). One warm-up product,
+    then enough products for about min_seconds (>= 3)."""
     cuda = device.type == "cuda"
     n = n or (8192 if cuda else 4096)
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = dtype or (torch.bfloat16 if cuda else torch.float32)
     gen = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)

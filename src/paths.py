@@ -162,6 +162,11 @@ class RunPaths:
     def redraw_dir(self) -> Path:
         return self.run / "redraw"
 
+    @property
+    def redraw_merged_dir(self) -> Path:
+        """One table over the re-draws of several runs (redraw.py --merge)."""
+        return self.redraw_dir / "merged"
+
     # ---- provenance ----
     def done_marker(self, stage: str) -> Path:
         return self.stage(stage) / "_done.json"

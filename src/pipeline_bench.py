@@ -12,7 +12,7 @@ Each numbered stage script runs in its own child process (``python pipelines/NN_
   writes to ``pipeline.jsonl`` / ``_done.json``; beside it the estimate of src.costs;
 * SSL: augmented views/s of the last epoch (01_ssl summary) x FLOPs per view (counted with
   FlopCounterMode on the meta device, src.costs) = achieved GFLOP/s, and its share of the matmul
-  roof measured at the end (n x n fp32 torch.mm on CPU, bf16 on CUDA);
+  roof measured at the end (an n x n torch.mm in the step's dtype: bf16 under autocast, else fp32);
 * at the end: the submission's accuracy estimate and LOO (its sidecar) and its public-truth accuracy, scored from
   the CSV with src.submission.score when data.truth is set.
 
@@ -355,9 +355,9 @@ def finish(cfg: Config, paths: RunPaths, result: dict, device, roof: bool) -> No
     out: dict = {"views_per_s": ssl.get("views_per_s"), "train_seconds": ssl.get("train_seconds"),
                  "epochs": ssl.get("epochs"), "flops_per_view": costs.get("flops_per_view")}
     if roof:
-        from src.costs import matmul_roof
+        from src.costs import matmul_roof, ssl_step_dtype
 
-        out["roof"] = matmul_roof(device, cfg.bench.roof_size)
+        out["roof"] = matmul_roof(device, cfg.bench.roof_size, dtype=ssl_step_dtype(cfg, device))
     from src.costs import achieved
 
     out.update(achieved(out["flops_per_view"], out["views_per_s"], (out.get("roof") or {}).get("gflops")))

@@ -551,6 +551,71 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     return agg
 
 
+MERGE_KEYS = ("members_list", "rules_list", "seed", "support_per_class", "pool_split", "draws_per_encoder")
+
+
+def merge_redraws(cfg: Config, runs: list[str]) -> dict:
+    """One table over encoders whose re-draws ran as separate commands (at other commits, from other
+    caches): the draws of `cfg`'s run and of each run in `runs`, read from their redraw/results.json.
+    They must share members, rules, draw seed, pool, support shape and draws per encoder, the very
+    supports of every draw (paired draws, as --encoder-seeds draws them) and the estimators, and
+    come from distinct encoder seeds. Aggregated as one run over several encoder seeds is, less
+    the seeds' disagreement (results.json keeps no test argmaxes). Writes results.json and table.md
+    under redraw/merged/ of `cfg`'s run; computes nothing."""
+    import copy
+
+    names = [cfg.run.name, *runs]
+    if len(set(names)) != len(names):
+        raise UserError(f"--merge: a run is listed twice ({','.join(names)})")
+    loaded = []
+    for name in names:
+        c = copy.deepcopy(cfg)
+        c.run.name = name
+        path = RunPaths(c).redraw_dir / "results.json"
+        if not path.is_file():
+            raise UserError(f"--merge: {path} not found (run redraw.py on run '{name}' first)")
+        loaded.append((path, io.read_json(path)))
+    (path0, first), seeds = loaded[0], {}
+    for path, res in loaded:
+        agg = res["aggregate"]
+        for key in MERGE_KEYS:
+            if agg.get(key) != first["aggregate"].get(key):
+                raise UserError(f"--merge: {path}: {key} is {agg.get(key)} where {path0} has "
+                                f"{first['aggregate'].get(key)}")
+        for s in agg["encoder_seeds"]:
+            if s in seeds:
+                raise UserError(f"--merge: encoder seed {s} is in {seeds[s]} and in {path}")
+            seeds[s] = path
+        if set(agg["estimators"]) - {SEED_GDE} != set(first["aggregate"]["estimators"]) - {SEED_GDE}:
+            raise UserError(f"--merge: {path}: its estimators differ from {path0}'s (rescore both at one "
+                            "commit with --cache-commit)")
+        support0 = {d["draw"]: d["support"] for d in first["draws"]}
+        for d in res["draws"]:
+            if d["support"] != support0.get(d["draw"]):
+                raise UserError(f"--merge: {path}: draw {d['draw']}'s support differs from {path0}'s "
+                                "(the runs need the same --seed, --pool and --labels)")
+    records = []
+    for _, res in loaded:
+        for d in res["draws"]:
+            records.append(copy.deepcopy(d))
+            for kind in ("members", "rules"):
+                for r in records[-1][kind].values():
+                    r["estimates"].pop(SEED_GDE, None)  # scored within one run's seeds only
+    agg = aggregate(records, cfg.ensemble.method)
+    agg |= {k: first["aggregate"][k] for k in MERGE_KEYS}
+    agg |= {"encoder_seeds": list(seeds), "encoder_runs": [r for _, res in loaded for r in res["aggregate"]["encoder_runs"]],
+            "merged_from": [str(p) for p, _ in loaded], "run": cfg.run.name}
+    out = RunPaths(cfg).redraw_merged_dir
+    io.write_json(out / "results.json", {"aggregate": agg, "draws": records})
+    title = (f"Re-draw evaluation: runs {', '.join(agg['encoder_runs'])}, {len(seeds)} encoder seed(s) x "
+             f"{agg['draws_per_encoder']} draws, draw seed {agg['seed']}, supports from the {agg['pool_split']} images")
+    md = format_markdown(agg, title)
+    io.write_text(out / "table.md", md + "\n")
+    print(md)
+    print(f"written: {out / 'results.json'}, {out / 'table.md'}")
+    return agg
+
+
 SEED_GDE = "disagreement_seeds"
 
 

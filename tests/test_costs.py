@@ -9,7 +9,7 @@ from torch import nn
 
 from src.config import load_config
 from src.costs import (FULL_DATA, LiveMemory, achieved, count_flops, gpu_memory_estimate, matmul_roof,
-                       ssl_step_costs)
+                       ssl_step_costs, ssl_step_dtype)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -148,3 +148,18 @@ def test_matmul_roof_and_achieved():
     assert roof["threads"] == torch.get_num_threads()
     assert achieved(2e9, 1000.0, 4000.0) == {"achieved_gflops": 2000.0, "roof_pct": 50.0}
     assert achieved(None, 1000.0, 4000.0)["achieved_gflops"] is None
+    assert matmul_roof(torch.device("cpu"), n=64, min_seconds=0.01, dtype=torch.bfloat16)["dtype"] == "bfloat16"
+
+
+def test_roof_dtype_is_the_ssl_steps():
+    """The roof is measured in the dtype the SSL step multiplies in: bf16 under autocast, else fp32."""
+    from src.runtime import resolve_cpu_bf16
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+    for precision, cpu_precision, on_cpu, on_cuda in (("bf16", "bf16", torch.bfloat16, torch.bfloat16),
+                                                      ("bf16", "fp32", torch.float32, torch.bfloat16),
+                                                      ("fp32", "bf16", torch.float32, torch.float32)):
+        cfg = load_config(None, [f"run.precision={precision}", f"ssl.cpu_precision={cpu_precision}"])
+        assert (ssl_step_dtype(cfg, cpu), ssl_step_dtype(cfg, cuda)) == (on_cpu, on_cuda), (precision, cpu_precision)
+    auto = load_config(None, ["ssl.cpu_precision=auto"])
+    assert ssl_step_dtype(auto, cpu) == (torch.bfloat16 if resolve_cpu_bf16("auto") else torch.float32)

@@ -297,6 +297,69 @@ def test_redraws_over_encoder_seeds_and_test_pool(redraw_run, monkeypatch, capsy
     assert code == 2 and "--encoder-seeds: expected comma-separated integers" in err, err
 
 
+def test_merge_joins_runs_redraws_and_checks_they_pair(redraw_run, capsys):
+    """--merge: the draws of the run and of the named runs in one table (redraw/merged/), aggregated as
+    the concatenated records, the seeds kept apart; runs that do not pair exit 2 with one line and
+    write nothing."""
+    import copy
+
+    cfg, paths, overrides = redraw_run
+    agg = selection.run_redraws(cfg, n_draws=2, members=["protonet", "knn"], rules=["mean"], seed=3)
+    own = io.read_json(paths.redraw_dir / "results.json")
+    other = copy.deepcopy(cfg)
+    other.run.name = f"{cfg.run.name}_b"
+    b_file = selection.RunPaths(other).redraw_dir / "results.json"
+
+    def write_b(edit):
+        res = copy.deepcopy(own)
+        res["aggregate"]["encoder_seeds"] = [cfg.run.seed + 5]
+        res["aggregate"]["encoder_runs"] = [other.run.name]
+        for d in res["draws"]:
+            d["encoder_seed"] = cfg.run.seed + 5
+            for kind in ("members", "rules"):
+                for r in d[kind].values():
+                    r["truth"] -= 0.1  # a worse encoder
+        edit(res)
+        io.write_json(b_file, res)
+
+    write_b(lambda res: None)
+    stamp = (paths.redraw_dir / "results.json").stat().st_mtime_ns
+    code, err = run_script("redraw.py", *overrides, "--merge", other.run.name, capsys=capsys)
+    assert code == 0, err
+    merged = io.read_json(paths.redraw_merged_dir / "results.json")
+    m = merged["aggregate"]
+    assert m["n_draws"] == 4 and m["encoder_seeds"] == [cfg.run.seed, cfg.run.seed + 5]
+    assert m["encoder_runs"] == [cfg.run.name, other.run.name] and m["draws_per_encoder"] == 2
+    assert [d["encoder_seed"] for d in merged["draws"]] == [cfg.run.seed] * 2 + [cfg.run.seed + 5] * 2
+    truths = [d["rules"]["mean"]["truth"] for d in own["draws"]]
+    assert m["rules"]["mean"]["mean"] == pytest.approx(np.mean(truths) - 0.05)  # both encoders' draws
+    assert m["rules"]["mean"]["worst"] == pytest.approx(min(truths) - 0.1)
+    assert m["rules"]["mean"]["mean"] == pytest.approx(agg["rules"]["mean"]["mean"] - 0.05)
+    assert m["estimators"]["blend"]["bias"] == pytest.approx(agg["estimators"]["blend"]["bias"] + 0.05)
+    assert (paths.redraw_merged_dir / "table.md").read_text().count("| member ") == 2
+    assert (paths.redraw_dir / "results.json").stat().st_mtime_ns == stamp  # the run's own table is kept
+
+    def moved_support(res):
+        res["draws"][1]["support"][0] += 1
+
+    def other_members(res):
+        res["aggregate"]["members_list"] = ["protonet"]
+
+    def same_seed(res):
+        res["aggregate"]["encoder_seeds"] = [cfg.run.seed]
+
+    (paths.redraw_merged_dir / "results.json").unlink()
+    for edit, args, message in ((moved_support, [], "draw 1's support differs"),
+                                (other_members, [], "members_list is ['protonet']"),
+                                (same_seed, [], f"encoder seed {cfg.run.seed} is in"),
+                                (lambda res: None, ["--fresh"], "--fresh would compute them"),
+                                (lambda res: None, ["--merge", "nope"], "run redraw.py on run 'nope' first")):
+        write_b(edit)
+        code, err = run_script("redraw.py", *overrides, "--merge", other.run.name, *args, capsys=capsys)
+        assert code == 2 and message in err and err.strip().count("\n") == 0, err
+        assert not (paths.redraw_merged_dir / "results.json").exists()
+
+
 def test_relabel_loo_script_reads_the_redraw_cache(redraw_run, capsys):
     """scripts/relabel_loo.py: the group LOO it prints is the cached member's (redraw.py's cv), the
     relabel LOO is computed, and a member that reads no pseudo-labels exits 2 with one line."""

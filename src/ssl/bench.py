@@ -23,7 +23,7 @@ import torch
 
 from src import io
 from src.config import Config
-from src.costs import achieved, matmul_roof, ssl_step_costs
+from src.costs import achieved, matmul_roof, ssl_step_costs, ssl_step_dtype
 from src.paths import RunPaths
 from src.runtime import machine_info, peak_memory_mb, resolve_device, seed_everything, sync
 from src.ssl.trainer import SSLRun, validate
@@ -119,7 +119,7 @@ def bench_ssl(cfg: Config, args: argparse.Namespace) -> dict:
                 "epoch_images": n_epoch, "epoch_seconds": round(per_step * steps_epoch, 2),
                 "peak_memory_mb": round(peak_memory_mb(device), 1)})
     out["flops_per_view"] = ssl_step_costs(cfg)["flops_per_view"]
-    out["roof"] = matmul_roof(device, cfg.bench.roof_size)
+    out["roof"] = matmul_roof(device, cfg.bench.roof_size, dtype=ssl_step_dtype(cfg, device))
     out.update(achieved(out["flops_per_view"], out["train_views_per_s"], out["roof"]["gflops"]))
     print(f"ssl bench on {device} ({out['machine'].get('gpu', 'cpu')}): {cfg.backbone.name} batch {batch}, "
           f"{n_views} views/image, augment {path}")
