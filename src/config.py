@@ -325,7 +325,8 @@ class CVCfg:
     # the accuracy estimate printed beside LOO by 05_heads, 06_submit and pipelines/cv.py, and read by the
     # "estimated" rule (src/estimate.py; every estimator is written to the reports): blend (the mean of
     # atc, atc_ne, doc and temperature: the steadiest on the re-draw tables of docs/RESULTS.md) | loo |
-    # confidence | doc | atc | atc_ne | temperature | dawid_skene
+    # confidence | doc | atc | atc_ne | temperature | temperature_wilson (cifar_cpu.yaml's) | dawid_skene |
+    # disagreement | aline | ppi
     estimator: str = "blend"
 
 

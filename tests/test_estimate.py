@@ -72,7 +72,7 @@ def test_confidence_doc_atc_on_calibrated_members():
     ctx = EstimateContext(probs, oof, y)
     for p, o in zip(probs, oof):
         want = acc(p, truth)
-        for name in ("confidence", "doc", "atc", "atc_ne", "temperature", "blend"):
+        for name in ("confidence", "doc", "atc", "atc_ne", "temperature", "temperature_wilson", "blend"):
             e = ESTIMATORS.get(name)(p, o, ctx)
             assert e.value == pytest.approx(want, abs=0.03), name
             assert e.lo <= e.value <= e.hi
@@ -217,6 +217,27 @@ def test_loo_and_blend():
     assert (narrow.lo, narrow.hi) == (pytest.approx(lo), pytest.approx(hi))
     out = estimate_all(probs[0], oof[0], ctx)
     assert set(out) == set(ESTIMATORS.names()) and all(0 <= v["estimate"] <= 1 for v in out.values())
+    assert out["blend"] == blend.as_dict()
+
+
+def test_temperature_wilson_is_temperature_with_the_wilson_floor(monkeypatch):
+    """Its value is temperature scaling's; its interval the bootstrap's, moved out to the LOO's Wilson
+    half-widths about the value where those are wider; estimate_all fits the temperatures once for both."""
+    truth, y, probs, oof = noisy_labelers([0.8, 0.6])
+    ctx = EstimateContext(probs, oof, y)
+    temp, loo = estimate.est_temperature(probs[1], oof[1], ctx), estimate.est_loo(probs[1], oof[1], ctx)
+    tw = estimate.est_temperature_wilson(probs[1], oof[1], ctx)
+    assert tw.value == temp.value
+    assert tw.lo == pytest.approx(max(0.0, min(temp.lo, temp.value - (loo.value - loo.lo))))
+    assert tw.hi == pytest.approx(min(1.0, max(temp.hi, temp.value + (loo.hi - loo.value))))
+    assert tw.hi - tw.lo >= min(1.0, loo.hi - loo.lo) - 1e-9 or tw.lo == 0.0 or tw.hi == 1.0
+    assert estimate.wilson_floor(estimate.Estimate(0.3, 0.1, 0.9), estimate.Estimate(0.5, 0.45, 0.55)) == \
+        estimate.Estimate(0.3, 0.1, 0.9)  # a wider interval stands
+    calls = []
+    monkeypatch.setattr(estimate, "fit_temperature", lambda *a: calls.append(1) or 1.0)
+    out = estimate_all(probs[1], oof[1], ctx, ["temperature", "temperature_wilson", "blend"])
+    assert len(calls) == 1 + 100  # one fit on all rows and the bootstrap's 100, for all three estimates
+    assert out["temperature_wilson"]["estimate"] == out["temperature"]["estimate"]
 
 
 def test_no_estimator_takes_truth():
