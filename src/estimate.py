@@ -39,11 +39,13 @@ labeled images) to an accuracy estimate with an interval, given the members of t
   by a label-free proxy of correctness (the Dawid-Skene posterior of the prediction's argmax, fitted
   without the labels) measured on the test images and on the labeled rows, weighted by how well the
   proxy tracks correctness on the labeled rows.
-* ``blend`` (the default, ``cv.estimator``): the mean of ``atc``, ``atc_ne``, ``doc`` and
-  ``temperature``; its interval is never narrower than the LOO's Wilson interval about it.
-* ``temperature_wilson``: ``temperature``'s estimate with that same floor on its interval; on
-  ``cifar_cpu.yaml``'s from-scratch pool with ``agreement`` it errs less than blend, on the pretrained
-  features with ``agreement_rank`` more, so that config alone sets it.
+* ``blend``: the mean of ``atc``, ``atc_ne``, ``doc`` and ``temperature``; its interval is never
+  narrower than the LOO's Wilson interval about it. The pretrained recipes' ``cv.estimator``.
+* ``temperature_wilson`` (the default, ``cv.estimator``): ``temperature``'s estimate with that same
+  floor on its interval. On the six re-draw tables of the default rule (``agreement``) its coverage
+  beats blend's on all six, its worst error on five, and its mean error is within 0.5 point of
+  blend's or better (6.3 points against 9.4 on ``cifar_cpu.yaml``'s pool); on ``agreement_rank``
+  over the pretrained features blend's is lower (7.3 against 11.3).
 
 Intervals are 95 % nominal; how often they hold is measured by the re-draw evaluation
 (src/selection.py) and stated in docs/RESULTS.md.
@@ -436,7 +438,7 @@ def wilson_floor(est: Estimate, loo: Estimate) -> Estimate:
 def est_temperature_wilson(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estimate:
     """Temperature scaling's estimate with its interval floored at the LOO's Wilson half-widths
     (:func:`wilson_floor`, as blend's): its bootstrap over the 30 labeled rows alone held the truth on
-    52-85 % of the re-draw tables' rows. `cifar_cpu.yaml`'s estimator (docs/RESULTS.md)."""
+    52-85 % of the submitted rule's rows on the re-draw tables (docs/RESULTS.md). The default estimator."""
     return wilson_floor(est_temperature(test, oof, ctx), est_loo(test, oof, ctx))
 
 
