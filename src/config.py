@@ -325,10 +325,11 @@ class CVCfg:
     # the accuracy estimate printed beside LOO by 05_heads, 06_submit and pipelines/cv.py, and read by the
     # "estimated" rule (src/estimate.py; every estimator is written to the reports): temperature_wilson
     # (temperature scaling fitted on the LOO rows, its interval at least the LOO's Wilson interval: on the
-    # six re-draw tables of the default rule, agreement, its coverage beats blend's on all six, its worst error
-    # on five, and its mean error is within 0.5 point of blend's or better, by up to 3.1) | blend (the mean of atc, atc_ne, doc and temperature:
-    # the pretrained recipes' estimator, better on agreement_rank over their features) | loo | confidence |
-    # doc | atc | atc_ne | temperature | dawid_skene | disagreement | aline | ppi
+    # six re-draw tables of the default rule, agreement, its coverage beats blend's on all six, its worst
+    # error on five, and its mean error is within 0.5 point of blend's or better, by up to 3.1) | blend (the
+    # mean of atc, atc_ne, doc and temperature: the pretrained recipes' estimator, better on agreement_rank
+    # over their features) | loo | confidence | doc | atc | atc_ne | temperature | dawid_skene |
+    # disagreement | aline | ppi
     estimator: str = "temperature_wilson"
 
 

@@ -551,6 +551,31 @@ def run_redraws(cfg: Config, n_draws: int = 30, members: list[str] | None = None
     return agg
 
 
+SEED_GDE = "disagreement_seeds"
+
+
+def add_seed_disagreement(records: list[dict]) -> None:
+    """GDE (Jiang et al. 2022) with truly independent copies: the estimate of a member or rule on one
+    encoder seed's draw is its agreement on the test images with the same member or rule on the same
+    draw (same support) of every other encoder seed; added to each record's estimates as
+    ``disagreement_seeds`` when there are two seeds or more. Reads and then drops every record's
+    ``_pred`` (test rows and argmaxes), which results.json does not keep."""
+    preds = [rec.pop("_pred") for rec in records]
+    if len({rec["encoder_seed"] for rec in records}) < 2:
+        return
+    twins = [[q for other, q in zip(records, preds) if other["draw"] == rec["draw"]
+              and other["encoder_seed"] != rec["encoder_seed"] and np.array_equal(q["rows"], pred["rows"])]
+             for rec, pred in zip(records, preds)]
+    if not all(twins):  # every record gets the estimate or none does (the tables read it on every row)
+        print(f"note: {SEED_GDE} not scored: the encoder seeds' runs do not share their test rows")
+        return
+    for rec, pred, copies in zip(records, preds, twins):
+        for kind in ("members", "rules"):
+            for name, z in pred[kind].items():
+                est = gde_estimate(z, [q[kind][name] for q in copies])
+                rec[kind][name]["estimates"][SEED_GDE] = est.as_dict()
+
+
 MERGE_KEYS = ("members_list", "rules_list", "seed", "support_per_class", "pool_split", "draws_per_encoder")
 
 
@@ -603,8 +628,9 @@ def merge_redraws(cfg: Config, runs: list[str]) -> dict:
                     r["estimates"].pop(SEED_GDE, None)  # scored within one run's seeds only
     agg = aggregate(records, cfg.ensemble.method)
     agg |= {k: first["aggregate"][k] for k in MERGE_KEYS}
-    agg |= {"encoder_seeds": list(seeds), "encoder_runs": [r for _, res in loaded for r in res["aggregate"]["encoder_runs"]],
-            "merged_from": [str(p) for p, _ in loaded], "run": cfg.run.name}
+    runs_of = [r for _, res in loaded for r in res["aggregate"]["encoder_runs"]]
+    agg |= {"encoder_seeds": list(seeds), "encoder_runs": runs_of, "merged_from": [str(p) for p, _ in loaded],
+            "run": cfg.run.name}
     out = RunPaths(cfg).redraw_merged_dir
     io.write_json(out / "results.json", {"aggregate": agg, "draws": records})
     title = (f"Re-draw evaluation: runs {', '.join(agg['encoder_runs'])}, {len(seeds)} encoder seed(s) x "
@@ -614,31 +640,6 @@ def merge_redraws(cfg: Config, runs: list[str]) -> dict:
     print(md)
     print(f"written: {out / 'results.json'}, {out / 'table.md'}")
     return agg
-
-
-SEED_GDE = "disagreement_seeds"
-
-
-def add_seed_disagreement(records: list[dict]) -> None:
-    """GDE (Jiang et al. 2022) with truly independent copies: the estimate of a member or rule on one
-    encoder seed's draw is its agreement on the test images with the same member or rule on the same
-    draw (same support) of every other encoder seed; added to each record's estimates as
-    ``disagreement_seeds`` when there are two seeds or more. Reads and then drops every record's
-    ``_pred`` (test rows and argmaxes), which results.json does not keep."""
-    preds = [rec.pop("_pred") for rec in records]
-    if len({rec["encoder_seed"] for rec in records}) < 2:
-        return
-    twins = [[q for other, q in zip(records, preds) if other["draw"] == rec["draw"]
-              and other["encoder_seed"] != rec["encoder_seed"] and np.array_equal(q["rows"], pred["rows"])]
-             for rec, pred in zip(records, preds)]
-    if not all(twins):  # every record gets the estimate or none does (the tables read it on every row)
-        print(f"note: {SEED_GDE} not scored: the encoder seeds' runs do not share their test rows")
-        return
-    for rec, pred, copies in zip(records, preds, twins):
-        for kind in ("members", "rules"):
-            for name, z in pred[kind].items():
-                est = gde_estimate(z, [q[kind][name] for q in copies])
-                rec[kind][name]["estimates"][SEED_GDE] = est.as_dict()
 
 
 def encoder_records(cfg: Config, n_draws: int, members: list[str], rules: list[str], params: RuleParams, seed: int,
