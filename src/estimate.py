@@ -416,7 +416,7 @@ def est_blend(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext) -> Estima
     """Equal-weight mean of the four estimators that map the LOO rows' confidence onto the test
     images' (BLEND). Each corrects LOO's low bias its own way and their errors differ, so the mean is
     steadier than any of them on the re-draw tables. Interval: see :func:`blend_of`."""
-    return blend_of([ESTIMATORS.get(n)(test, oof, ctx) for n in BLEND], est_loo(test, oof, ctx))
+    return composed("blend", test, oof, ctx)
 
 
 def blend_of(parts: list[Estimate], loo: Estimate) -> Estimate:
@@ -439,23 +439,32 @@ def est_temperature_wilson(test: np.ndarray, oof: np.ndarray, ctx: EstimateConte
     """Temperature scaling's estimate with its interval floored at the LOO's Wilson half-widths
     (:func:`wilson_floor`, as blend's): its bootstrap over the 30 labeled rows alone held the truth on
     52-85 % of the submitted rule's rows on the re-draw tables (docs/RESULTS.md). The default estimator."""
-    return wilson_floor(est_temperature(test, oof, ctx), est_loo(test, oof, ctx))
+    return composed("temperature_wilson", test, oof, ctx)
+
+
+# Estimators built from others: name -> (the estimators it reads, how it combines them with the LOO's).
+COMPOSED = {"blend": (BLEND, blend_of),
+            "temperature_wilson": (("temperature",), lambda parts, loo: wilson_floor(parts[0], loo))}
+
+
+def composed(name: str, test: np.ndarray, oof: np.ndarray, ctx: EstimateContext,
+             get=None) -> Estimate:
+    """The composed estimator `name` (COMPOSED) of one prediction; `get(name)` supplies its parts and
+    the LOO (default: compute each)."""
+    get = get or (lambda n: ESTIMATORS.get(n)(test, oof, ctx))
+    parts, combine = COMPOSED[name]
+    return combine([get(k) for k in parts], get("loo"))
 
 
 def estimate_all(test: np.ndarray, oof: np.ndarray, ctx: EstimateContext,
                  names: list[str] | None = None) -> dict[str, dict]:
-    """{estimator: {"estimate", "interval"}} for one prediction (test (T, C), oof (L, C)); blend and
-    temperature_wilson reuse the estimates they are built from, each computed once."""
+    """{estimator: {"estimate", "interval"}} for one prediction (test (T, C), oof (L, C)); the composed
+    estimators (COMPOSED) reuse the estimates they are built from, each computed once."""
     done: dict[str, Estimate] = {}
 
     def get(n: str) -> Estimate:
         if n not in done:
-            if n == "blend":
-                done[n] = blend_of([get(k) for k in BLEND], get("loo"))
-            elif n == "temperature_wilson":
-                done[n] = wilson_floor(get("temperature"), get("loo"))
-            else:
-                done[n] = ESTIMATORS.get(n)(test, oof, ctx)
+            done[n] = composed(n, test, oof, ctx, get) if n in COMPOSED else ESTIMATORS.get(n)(test, oof, ctx)
         return done[n]
 
     return {n: get(n).as_dict() for n in list(names or ESTIMATORS.names())}

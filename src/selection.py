@@ -601,6 +601,7 @@ def merge_redraws(cfg: Config, runs: list[str]) -> dict:
             raise UserError(f"--merge: {path} not found (run redraw.py on run '{name}' first)")
         loaded.append((path, io.read_json(path)))
     (path0, first), seeds = loaded[0], {}
+    support0 = {d["draw"]: d["support"] for d in first["draws"]}
     for path, res in loaded:
         agg = res["aggregate"]
         for key in MERGE_KEYS:
@@ -614,7 +615,6 @@ def merge_redraws(cfg: Config, runs: list[str]) -> dict:
         if set(agg["estimators"]) - {SEED_GDE} != set(first["aggregate"]["estimators"]) - {SEED_GDE}:
             raise UserError(f"--merge: {path}: its estimators differ from {path0}'s (rescore both at one "
                             "commit with --cache-commit)")
-        support0 = {d["draw"]: d["support"] for d in first["draws"]}
         for d in res["draws"]:
             if d["support"] != support0.get(d["draw"]):
                 raise UserError(f"--merge: {path}: draw {d['draw']}'s support differs from {path0}'s "
